@@ -1,0 +1,102 @@
+"""The multi-crop augmentation (Caron et al., 2020, section 3.2 and appendix A).
+
+Each group of crops has a resolution and a RandomResizedCrop scale range; every crop
+then gets a horizontal flip, colour distortion (jitter 0.8s, 0.8s, 0.8s, 0.2s with
+p=0.8, grayscale with p=0.2), Gaussian blur (p=0.5, sigma in [0.1, 2]) and ImageNet
+normalisation. Crops come back grouped by resolution, largest first, the order in which
+`SwAVModel.forward` batches them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from swav_core.config import TrainConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def blur_kernel_size(crop_size: int) -> int:
+    """An odd kernel about 10% of the crop side, as in SimCLR and SwAV."""
+    return max(3, int(0.1 * crop_size) | 1)
+
+
+def to_rgb_image(image: Any) -> Any:
+    """PIL images in any mode (L, P, RGBA, CMYK...) and 1-channel tensors become RGB."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, torch.Tensor) and image.dim() == 3 and image.shape[0] == 1:
+        return image.expand(3, -1, -1)
+    return image
+
+
+def crop_transform(
+    size: int, min_scale: float, max_scale: float, color_jitter_strength: float = 1.0
+) -> v2.Compose:
+    """One crop of the paper's augmentation, returning a normalised float tensor (3 x size x size)."""
+    s = color_jitter_strength
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(size, scale=(min_scale, max_scale), antialias=True),
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))], p=0.5),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def eval_transform(size: int) -> v2.Compose:
+    """Deterministic preprocessing for embedding and evaluation: resize, centre crop, normalise."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(size, antialias=True),
+            v2.CenterCrop(size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+class MultiCropTransform:
+    """image -> list of crops: nmb_crops[0] at size_crops[0], then the next group, ..."""
+
+    def __init__(
+        self,
+        nmb_crops: Sequence[int],
+        size_crops: Sequence[int],
+        min_scale_crops: Sequence[float],
+        max_scale_crops: Sequence[float],
+        color_jitter_strength: float = 1.0,
+    ) -> None:
+        self.transforms = [
+            crop_transform(size, low, high, color_jitter_strength)
+            for count, size, low, high in zip(
+                nmb_crops, size_crops, min_scale_crops, max_scale_crops, strict=True
+            )
+            for _ in range(count)
+        ]
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> MultiCropTransform:
+        return cls(
+            config.nmb_crops,
+            config.size_crops,
+            config.min_scale_crops,
+            config.max_scale_crops,
+            config.color_jitter_strength,
+        )
+
+    def __call__(self, image: Any) -> list[torch.Tensor]:
+        image = to_rgb_image(image)
+        return [transform(image) for transform in self.transforms]
