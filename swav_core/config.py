@@ -21,7 +21,7 @@ FreezeUnit = Literal["iterations", "epochs"]
 class TrainConfig(BaseModel):
     """All hyperparameters of one SwAV pretraining run (frozen; unknown keys rejected)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     # model
     backbone: str = Field("resnet50", description="Backbone name; see swav_core.model.")
