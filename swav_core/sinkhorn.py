@@ -38,15 +38,20 @@ def sinkhorn(
     Computed in `dtype` (fp32, or fp64 for reference runs) whatever the autocast state or
     the input dtype, and without gradient: the codes are targets.
 
-    Stability: exp(S / eps) overflows for eps = 0.05 once S > 4.4 in fp16 and underflows
-    for large gaps. The paper's Q is invariant to a global shift of S, so S is shifted by
-    its GLOBAL maximum M (all-reduced). A per-sample shift would change the 3-iteration
-    result, so it is only used in a form that the first column normalisation removes:
-    exp((S - M)/eps) = exp((S - m_j)/eps) * exp((m_j - M)/eps) with m_j the row max of
-    sample j; the second factor w_j scales sample j's column, so it enters only the first
-    prototype sums and then cancels. Every column keeps an entry equal to 1, so no sample
-    underflows to an all-zero code; a prototype whose mass underflows (an empty row) is
-    guarded by a floor on its sum instead of dividing by zero.
+    Each iteration divides every prototype's mass by its global sum (all-reduced over
+    ranks) and then every sample's code by its own sum; constant factors (the paper's
+    1/K, 1/B and total-sum normalisation) cancel in the per-sample step, so the result
+    is the paper's 3-iteration Q* up to rounding.
+
+    Stability: exp(S / eps) overflows in fp16 and underflows in fp32 once scores differ
+    by more than ~87 eps (eps = 0.01 with cosine scores). The first iteration therefore
+    runs in the log domain: each prototype's log-mass is a logsumexp over the global
+    batch, shifted by that prototype's maximum over all ranks (all-reduce MAX; a
+    per-prototype shift is exactly what the row normalisation removes, while a per-sample
+    shift would change the 3-iteration result), and each sample is normalised by its own
+    logsumexp. After that step every prototype holds at least 1/K of its share and every
+    sample's code sums to 1, so the remaining iterations run in linear scale, in place,
+    without underflowing a whole row or column.
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be (n, K), got shape {tuple(scores.shape)}")
@@ -56,19 +61,14 @@ def sinkhorn(
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
 
     with torch.autocast(device_type=scores.device.type, enabled=False):
-        s = scores.detach().to(dtype)
-        n, n_prototypes = s.shape
-        global_batch = n * _world_size()
-        tiny = torch.finfo(dtype).tiny
+        logits = scores.detach().to(dtype) / epsilon  # (n, K): log of exp(C^T Z / eps)^T
 
-        sample_max = s.max(dim=1, keepdim=True).values  # (n, 1)
-        global_max = _all_reduce(sample_max.max().clone(), dist.ReduceOp.MAX)
-        q = torch.exp((s - sample_max) / epsilon).t()  # (K, n): Q of eq. 5 up to column scales
-        sample_weight = torch.exp((sample_max - global_max) / epsilon).t()  # (1, n)
+        prototype_max = _all_reduce(logits.max(dim=0).values, dist.ReduceOp.MAX)  # (K,)
+        mass = _all_reduce(torch.exp(logits - prototype_max).sum(dim=0), dist.ReduceOp.SUM)
+        logits -= mass.log() + prototype_max  # each prototype: mass 1 over the global batch
+        q = torch.softmax(logits, dim=1)  # (n, K): each sample's code sums to 1
 
-        for iteration in range(iterations):
-            weighted = q * sample_weight if iteration == 0 else q
-            row_sums = _all_reduce(weighted.sum(dim=1, keepdim=True), dist.ReduceOp.SUM)  # (K, 1)
-            q = q / row_sums.clamp_min(tiny) / n_prototypes  # each prototype: mass 1/K
-            q = q / q.sum(dim=0, keepdim=True).clamp_min(tiny) / global_batch  # each sample: 1/B
-        return (q * global_batch).t()  # (n, K): each sample's code sums to 1
+        for _ in range(iterations - 1):
+            q /= _all_reduce(q.sum(dim=0), dist.ReduceOp.SUM)  # each prototype: mass 1
+            q /= q.sum(dim=1, keepdim=True)  # each sample: 1
+        return q
