@@ -87,7 +87,9 @@ def _check_inputs(scores: Sequence[torch.Tensor], crops_for_assign: Sequence[int
         raise ValueError(f"need at least 2 crops' scores, got {len(scores)}")
     bad = [c for c in crops_for_assign if not 0 <= c < len(scores)]
     if bad or not crops_for_assign:
-        raise ValueError(f"crops_for_assign={list(crops_for_assign)} invalid for {len(scores)} crops")
+        raise ValueError(
+            f"crops_for_assign={list(crops_for_assign)} invalid for {len(scores)} crops"
+        )
 
 
 def swav_loss(

@@ -99,12 +99,11 @@ def resolution_groups(crops: Sequence[torch.Tensor]) -> list[int]:
 class SwAVModel(nn.Module):
     """Backbone + projection head + prototypes; `forward(crops)` gives (z, scores)."""
 
-    def __init__(
-        self, backbone: str, hidden_mlp: int, feat_dim: int, n_prototypes: int
-    ) -> None:
+    def __init__(self, backbone: str, hidden_mlp: int, feat_dim: int, n_prototypes: int) -> None:
         super().__init__()
+        self.backbone_name = backbone
         self.backbone = create_backbone(backbone)
-        self.projection = projection_head(self.backbone.num_features, hidden_mlp, feat_dim)
+        self.projection = projection_head(self.num_features, hidden_mlp, feat_dim)
         self.prototypes = nn.Linear(feat_dim, n_prototypes, bias=False)
         self.normalize_prototypes()
 
@@ -114,7 +113,7 @@ class SwAVModel(nn.Module):
 
     @property
     def num_features(self) -> int:
-        return int(self.backbone.num_features)
+        return int(getattr(self.backbone, "num_features"))  # noqa: B009 (set by create_backbone)
 
     @torch.no_grad()
     def normalize_prototypes(self) -> None:
@@ -135,9 +134,7 @@ class SwAVModel(nn.Module):
         start = 0
         for count in resolution_groups(crops):
             batch = torch.cat(list(crops[start : start + count]))  # (count*B, 3, H, W)
-            if next(self.backbone.parameters()).is_contiguous(
-                memory_format=torch.channels_last
-            ):
+            if next(self.backbone.parameters()).is_contiguous(memory_format=torch.channels_last):
                 batch = batch.contiguous(memory_format=torch.channels_last)
             features.append(self.backbone(batch))
             start += count

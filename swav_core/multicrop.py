@@ -39,7 +39,7 @@ def to_rgb_image(image: Any) -> Any:
 def crop_transform(
     size: int, min_scale: float, max_scale: float, color_jitter_strength: float = 1.0
 ) -> v2.Compose:
-    """One crop of the paper's augmentation, returning a normalised float tensor (3 x size x size)."""
+    """One crop of the paper's augmentation: a normalised float tensor (3 x size x size)."""
     s = color_jitter_strength
     return v2.Compose(
         [

@@ -44,7 +44,14 @@ class FeatureQueue:
     @torch.no_grad()
     def push(self, features: list[torch.Tensor]) -> None:
         """Put each assigned crop's batch features (n x dim) in front, dropping the oldest."""
+        if len(features) != self.features.shape[0]:
+            raise ValueError(
+                f"push got {len(features)} feature batches, the queue holds "
+                f"{self.features.shape[0]} assigned crops"
+            )
         n = features[0].shape[0]
+        if n < 1:
+            raise ValueError("cannot push an empty batch")
         if n > self.length:
             raise ValueError(f"batch of {n} does not fit a queue of length {self.length}")
         self.features[:, n:] = self.features[:, :-n].clone()

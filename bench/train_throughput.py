@@ -1,0 +1,180 @@
+"""End-to-end training throughput against the compute bound measured in the same run.
+
+End to end: `swav_core.trainer.train` on a generated folder of JPEG images (decode,
+multi-crop, forward, Sinkhorn, loss, backward, optimiser, events). Bound: the same model,
+crops and optimiser on pre-made tensors, timed stage by stage (forward, Sinkhorn + loss,
+backward + step). The data share is the time to produce one batch with the loader in the
+main process. Prints images/s of both, their ratio, the shares and peak RSS.
+
+    .venv/bin/python bench/train_throughput.py [--steps 30] [--precision bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from swav_core.data import MultiCropDataset, ShardedEpochSampler, make_loader, scan_image_folder
+
+from swav_core.config import TrainConfig, config_from
+from swav_core.loss import swav_loss
+from swav_core.model import SwAVModel
+from swav_core.multicrop import MultiCropTransform
+from swav_core.synthetic import SHAPES, shape_image
+from swav_core.trainer import autocast_context, build_optimizer, train
+
+
+def write_jpegs(root: Path, count: int, size: int) -> Path:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        folder = root / SHAPES[i % len(SHAPES)]
+        folder.mkdir(parents=True, exist_ok=True)
+        shape_image(SHAPES[i % len(SHAPES)], size, rng).save(folder / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def bench_config(args: argparse.Namespace) -> TrainConfig:
+    return config_from(
+        None,
+        backbone="resnet18",
+        nmb_crops=(2, 4),
+        size_crops=(96, 64),
+        min_scale_crops=(0.14, 0.05),
+        max_scale_crops=(1.0, 0.14),
+        n_prototypes=300,
+        batch_size=args.batch,
+        epochs=1,
+        base_lr=0.6,
+        final_lr=0.0006,
+        warmup_epochs=0,
+        optimizer="lars",
+        precision=args.precision,
+        num_workers=args.workers,
+        queue_length=0,
+        checkpoint_every_epochs=0,
+        log_every_steps=1,
+        seed=0,
+    )
+
+
+def end_to_end(config: TrainConfig, data: Path, run: Path, skip: int) -> float:
+    """Images/s of the trainer over its steps after `skip` warm-up steps."""
+    stamps: list[float] = []
+    train(
+        config,
+        data,
+        run,
+        callbacks=[
+            lambda e: stamps.append(time.perf_counter()) if e["type"] == "metrics" else None
+        ],
+    )
+    intervals = [b - a for a, b in zip(stamps[skip:], stamps[skip + 1 :], strict=False)]
+    return config.batch_size / statistics.median(intervals)
+
+
+def compute_bound(config: TrainConfig, steps: int, skip: int) -> tuple[float, dict[str, float]]:
+    """Images/s of model + Sinkhorn + loss + optimiser on pre-made tensors, and stage times."""
+    torch.manual_seed(0)
+    model = SwAVModel.from_config(config).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(config, model)
+    crops = [
+        torch.randn(config.batch_size, 3, size, size)
+        for count, size in zip(config.nmb_crops, config.size_crops, strict=True)
+        for _ in range(count)
+    ]
+    autocast = autocast_context(config, torch.device("cpu"))
+    stages: dict[str, list[float]] = {"forward": [], "sinkhorn_loss": [], "backward_step": []}
+    totals = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        model.normalize_prototypes()
+        with autocast:
+            _, scores = model(crops)
+        t1 = time.perf_counter()
+        loss = swav_loss(
+            scores.split(config.batch_size),
+            config.temperature,
+            config.epsilon,
+            config.sinkhorn_iterations,
+            config.crops_for_assign,
+        )
+        t2 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        t3 = time.perf_counter()
+        if i >= skip:
+            stages["forward"].append(t1 - t0)
+            stages["sinkhorn_loss"].append(t2 - t1)
+            stages["backward_step"].append(t3 - t2)
+            totals.append(t3 - t0)
+    return config.batch_size / statistics.median(totals), {
+        k: statistics.median(v) for k, v in stages.items()
+    }
+
+
+def data_time(config: TrainConfig, data: Path, batches: int) -> float:
+    """Seconds to decode and multi-crop one batch in the main process."""
+    scan = scan_image_folder(data)
+    dataset = MultiCropDataset(scan, MultiCropTransform.from_config(config), config.seed)
+    sampler = ShardedEpochSampler(len(dataset), config.batch_size, 0, 1, config.seed)
+    loader = make_loader(dataset, sampler, config.batch_size, 0, torch.device("cpu"))
+    start = time.perf_counter()
+    for i, _ in enumerate(loader):
+        if i + 1 == batches:
+            break
+    return (time.perf_counter() - start) / batches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    args = parser.parse_args()
+    config = bench_config(args)
+    skip = 4
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_jpegs(Path(tmp) / "data", args.batch * (args.steps + 1), 128)
+        bound, stages = compute_bound(config, 12, 2)
+        e2e = end_to_end(config, data, Path(tmp) / "run", skip)
+        per_batch_data = data_time(config, data, 4)
+
+    step = sum(stages.values())
+    rss_mb = (
+        max(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+        )
+        / 1024
+    )
+    report: dict[str, Any] = {
+        "model": f"resnet18 {config.nmb_crops[0]}x{config.size_crops[0]}+"
+        f"{config.nmb_crops[1]}x{config.size_crops[1]} batch {config.batch_size} "
+        f"{config.precision}, {torch.get_num_threads()} threads, "
+        f"{config.num_workers} loader workers",
+        "end_to_end_images_per_s": round(e2e, 2),
+        "compute_bound_images_per_s": round(bound, 2),
+        "ratio": round(e2e / bound, 3),
+        "share_data_if_serial": round(per_batch_data / (per_batch_data + step), 3),
+        "share_forward": round(stages["forward"] / step, 3),
+        "share_sinkhorn_loss": round(stages["sinkhorn_loss"] / step, 3),
+        "share_backward_step": round(stages["backward_step"] / step, 3),
+        "peak_rss_mb": round(rss_mb, 1),
+    }
+    for key, value in report.items():
+        print(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    main()

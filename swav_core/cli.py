@@ -1,0 +1,263 @@
+"""Command line: `swav-train`, `swav-embed`, `swav-eval`.
+
+User mistakes (bad config, missing folder, unreadable checkpoint) print one line and
+exit 2; no traceback. A run stopped with Ctrl-C checkpoints first and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from swav_core.checkpoint import (
+    export_backbone_safetensors,
+    export_model_safetensors,
+    load_model,
+)
+from swav_core.config import config_from, preset_names
+from swav_core.data import load_rgb, scan_image_folder
+from swav_core.embed import embed
+from swav_core.errors import SwavError
+from swav_core.evaluate import evaluate_model
+from swav_core.trainer import StopFile, TrainResult, spawn, train
+
+console = Console(stderr=True)
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values: JSON when it parses (numbers, true, [2, 6]), `a,b` as a list, else text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    if "," in text:
+        return [parse_value(part) for part in text.split(",")]
+    return text
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SwavError(f"--set {pair!r}: expected key=value, e.g. --set epochs=10")
+        overrides[key.strip()] = parse_value(value.strip())
+    return overrides
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A config file in JSON or TOML; a `preset` key in it names the preset to start from."""
+    text = path.read_text()
+    data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    if not isinstance(data, dict):
+        raise SwavError(f"{path}: expected a table/object of config fields")
+    return data
+
+
+def _run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
+    try:
+        return main(argv)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "config"
+        console.print(f"[red]error:[/] {field}: {first['msg']}", highlight=False)
+    except (
+        SwavError,
+        KeyError,
+        FileNotFoundError,
+        json.JSONDecodeError,
+        tomllib.TOMLDecodeError,
+    ) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        console.print(f"[red]error:[/] {message}", highlight=False)
+    return 2
+
+
+class ProgressBar:
+    """A rich progress bar fed by the trainer's events: step/total, loss, lr, images/s, ETA."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task: Any = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind == "started":
+            self.progress.start()
+            self.task = self.progress.add_task(
+                "train",
+                total=event["total_steps"],
+                completed=event["step"],
+                epoch=event["epoch"],
+                loss="-",
+                lr="-",
+                ips="-",
+            )
+        elif kind == "metrics" and self.task is not None:
+            self.progress.update(
+                self.task,
+                completed=event["step"],
+                epoch=event["epoch"],
+                loss=f"{event['loss']:.4f}",
+                lr=f"{event['lr']:.3g}",
+                ips=f"{event['images_per_s']:.1f}",
+            )
+        elif kind == "dataset" and event["num_skipped"]:
+            console.print(f"skipped {event['num_skipped']} files: {event['skip_reasons']}")
+        elif kind in ("warning",):
+            console.print(f"[yellow]warning:[/] {event['message']}")
+        elif kind in ("stopped", "finished"):
+            self.progress.stop()
+
+
+def _train(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog="swav-train", description="Pretrain SwAV on a folder.")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", type=Path, help="JSON or TOML file of TrainConfig fields")
+    source.add_argument("--preset", choices=preset_names())
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--data", type=Path, required=True, help="folder of images")
+    parser.add_argument("--out", type=Path, required=True, help="run directory")
+    parser.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    parser.add_argument("--nproc", type=int, default=1, help="local processes (gloo/NCCL)")
+    args = parser.parse_args(argv)
+
+    fields: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    preset = fields.pop("preset", None) or args.preset
+    config = config_from(preset, **{**fields, **parse_overrides(args.set)})
+    if not args.resume and any((args.out / "checkpoints").glob("*.pt")):
+        raise SwavError(f"{args.out} already holds checkpoints: pass --resume or another --out")
+
+    stop_requested = False
+    stop_file = args.out / "STOP"
+    stop_file.unlink(missing_ok=True)
+
+    def request_stop(signum: int, frame: Any) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+        stop_file.parent.mkdir(parents=True, exist_ok=True)
+        stop_file.touch()
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        if args.nproc > 1:
+            result_dict = spawn(
+                config,
+                args.data,
+                args.out,
+                args.nproc,
+                resume=args.resume,
+                should_stop=StopFile(stop_file),
+            )
+            status = result_dict["status"]
+        else:
+            result: TrainResult = train(
+                config,
+                args.data,
+                args.out,
+                callbacks=[ProgressBar()],
+                should_stop=lambda: stop_requested,
+                resume=args.resume,
+            )
+            status = result.status
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if status == "stopped":
+        console.print(f"stopped; resume with: swav-train ... --out {args.out} --resume")
+        return 130
+    model, _ = load_model(args.out / "checkpoints" / "final.pt")
+    export_backbone_safetensors(model, args.out / "backbone.safetensors")
+    export_model_safetensors(model, config, args.out / "model.safetensors")
+    console.print(
+        f"done: {args.out / 'checkpoints' / 'final.pt'}, {args.out / 'backbone.safetensors'}"
+    )
+    return 0
+
+
+def image_paths(inputs: Sequence[Path]) -> list[Path]:
+    """Files as given; folders expanded to their readable images in sorted order."""
+    paths: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            scan = scan_image_folder(item)
+            paths.extend(item / name for name in scan.files)
+        elif item.exists():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder")
+    return paths
+
+
+def _embed(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog="swav-embed", description="Embed images with a model.")
+    parser.add_argument("--checkpoint", type=Path, required=True, help=".pt or .safetensors")
+    parser.add_argument("images", type=Path, nargs="+", help="image files or folders")
+    parser.add_argument("--out", type=Path, required=True, help="output .npy (N x D float32)")
+    parser.add_argument("--layer", choices=["backbone", "projection"], default="backbone")
+    parser.add_argument("--no-normalize", action="store_true")
+    parser.add_argument("--size", type=int, help="input side; default the config's largest crop")
+    args = parser.parse_args(argv)
+
+    model, config = load_model(args.checkpoint)
+    paths = image_paths(args.images)
+    features = embed(
+        model,
+        [load_rgb(p) for p in paths],
+        layer=args.layer,
+        normalize=not args.no_normalize,
+        size=args.size or config.size_crops[0],
+    )
+    np.save(args.out, features.numpy())
+    args.out.with_suffix(".txt").write_text("".join(f"{p}\n" for p in paths))
+    console.print(f"{len(paths)} embeddings of dim {features.shape[1]} -> {args.out}")
+    return 0
+
+
+def _eval(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog="swav-eval", description="kNN and linear-probe top-1.")
+    parser.add_argument("--checkpoint", type=Path, required=True, help=".pt or .safetensors")
+    parser.add_argument("--data", type=Path, required=True, help="folder with class subfolders")
+    parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument("--size", type=int)
+    args = parser.parse_args(argv)
+
+    model, config = load_model(args.checkpoint)
+    report = evaluate_model(
+        model, args.data, size=args.size or config.size_crops[0], val_fraction=args.val_fraction
+    )
+    print(json.dumps(report))
+    return 0
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    return _run_cli(_train, argv)
+
+
+def embed_main(argv: list[str] | None = None) -> int:
+    return _run_cli(_embed, argv)
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    return _run_cli(_eval, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())
