@@ -10,6 +10,8 @@ the trainer uses torch's fused SyncBatchNorm instead.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
@@ -34,7 +36,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         x = input.float()
         count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=x.dtype)
         stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])  # (2C + 1,)
-        stats = dist_fn.all_reduce(stats)
+        with warnings.catch_warnings():  # deprecated in favour of a private, non-autograd API
+            warnings.simplefilter("ignore", FutureWarning)
+            stats = dist_fn.all_reduce(stats)
         channels = x.shape[1]
         total = stats[-1]
         mean = stats[:channels] / total

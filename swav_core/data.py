@@ -1,0 +1,424 @@
+"""The training data: a checked scan of an image folder, a multi-crop dataset, a sharded sampler.
+
+`scan_image_folder` decodes every file once, up front, so that a broken file is reported
+with its reason before training starts instead of killing a DataLoader worker hours in.
+Formats are allow-listed by what Pillow decodes, never by the file extension.
+
+Resume is bit-exact because nothing random depends on process state: the sampler's
+permutation is a function of (seed, epoch) and a sample's augmentation a function of
+(seed, epoch, index). The sampler therefore yields keys `(epoch, index)` rather than
+plain indices, and the dataset seeds the global torch RNG (which torchvision v2
+transforms draw from) from that key, whatever worker process runs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from swav_core.errors import DataError
+
+# MPO is how Pillow reports the multi-picture JPEGs that many cameras and phones write.
+ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF"})
+
+SampleKey = tuple[int, int]
+Sample = tuple[list[torch.Tensor], int]
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file of the folder that will not be trained on, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ImageFolderScan:
+    """The decodable images under `root`, in sorted order, with labels when the folder has classes.
+
+    `files` are relative posix paths; `sizes` their byte sizes at scan time. `labels`
+    and `classes` are None unless every image lives under a first-level subfolder.
+    """
+
+    root: Path
+    files: tuple[str, ...]
+    labels: tuple[int, ...] | None
+    classes: tuple[str, ...] | None
+    skipped: tuple[SkippedFile, ...]
+    sizes: tuple[int, ...]
+
+    def fingerprint(self) -> str:
+        """sha256 over the relative paths and byte sizes: changes when the dataset does."""
+        digest = hashlib.sha256()
+        for name, size in zip(self.files, self.sizes, strict=True):
+            digest.update(f"{name}\0{size}\n".encode())
+        return digest.hexdigest()
+
+    def skip_reasons(self) -> dict[str, int]:
+        """How many files were skipped for each reason, most frequent first."""
+        return dict(Counter(skip.reason for skip in self.skipped).most_common())
+
+
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, IndexError, TypeError, EOFError)
+
+
+def _check_image(path: Path) -> tuple[int, str | None]:
+    """(byte size, None) for a fully decodable allow-listed image, else (size, reason)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return 0, "unreadable file"
+    if size == 0:
+        return 0, "empty file"
+    try:
+        return size, _decode_problem(path, size)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return size, "decompression bomb"
+    except OSError:
+        return size, "unreadable file"
+
+
+def _decode_problem(path: Path, size: int) -> str | None:
+    """None when Pillow fully decodes the first frame of an allow-listed format, else why not."""
+    with open(path, "rb") as handle:
+        try:
+            image = Image.open(handle)
+        except UnidentifiedImageError:
+            return _unidentified_reason(handle, size)
+        with image:
+            if image.format not in ALLOWED_FORMATS:
+                return f"unsupported format {image.format}"
+            try:
+                image.seek(0)
+                image.load()
+            except _DECODE_ERRORS as exc:
+                if _says_truncated(exc) or _declared_beyond_end(handle, size, image.format):
+                    return "truncated image"
+                return "corrupt image"
+    return None
+
+
+_SIGNATURES = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"BM": "BMP",
+    b"RIFF": "WEBP",
+}
+
+
+def _says_truncated(exc: BaseException) -> bool:
+    return "truncat" in str(exc).lower()
+
+
+def _declared_beyond_end(handle: BinaryIO, size: int, fmt: str | None) -> bool:
+    """True when a WEBP's RIFF header declares more bytes than the file has."""
+    if fmt != "WEBP":
+        return False
+    handle.seek(0)
+    head = handle.read(12)
+    return head[8:12] == b"WEBP" and int.from_bytes(head[4:8], "little") + 8 > size
+
+
+def _unidentified_reason(handle: BinaryIO, size: int) -> str:
+    """Why Pillow identified no format: a broken header of a known format, or not an image.
+
+    A file cut short inside its header (a half-written JPEG, say) fails identification
+    like a text file does; rerunning that format's decoder tells the two apart, and it
+    counts as truncated when the decoder ran into the end of the file.
+    """
+    handle.seek(0)
+    head = handle.read(16)
+    fmt = next((f for magic, f in _SIGNATURES.items() if head.startswith(magic)), None)
+    if fmt == "WEBP" and head[8:12] != b"WEBP":
+        fmt = None
+    if fmt is None:
+        return "not an image"
+    if _declared_beyond_end(handle, size, fmt):
+        return "truncated image"
+    Image.init()
+    factory = Image.OPEN[fmt][0]
+    handle.seek(0)
+    try:
+        factory(handle, "").close()
+    except Exception as exc:  # noqa: BLE001 (any failure of the decoder is the answer)
+        ran_out = _says_truncated(exc) or handle.tell() >= size
+        return "truncated image" if ran_out else "corrupt image"
+    return "corrupt image"
+
+
+def _candidate_files(root: Path) -> list[str]:
+    """Sorted relative posix paths of the regular files under root, hidden entries left out."""
+    found: list[str] = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        base = Path(folder)
+        found.extend(
+            (base / name).relative_to(root).as_posix()
+            for name in names
+            if not name.startswith(".") and (base / name).is_file()
+        )
+    return sorted(found)
+
+
+def scan_image_folder(root: Path, workers: int | None = None) -> ImageFolderScan:
+    """Decode every file under `root` (recursively) and keep the readable images.
+
+    Class labels come from the first-level subfolders when every image lives in one
+    (classes sorted by name, as torchvision's ImageFolder does). Files that cannot be
+    fully decoded, are not JPEG/PNG/WEBP/BMP/GIF, or would exceed Pillow's
+    decompression-bomb limit are listed in `skipped` with a reason. Decoding runs on
+    `workers` threads (default: up to 8). Raises `DataError` when `root` is not a
+    folder or holds no readable image.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        problem = "is not a folder" if root.exists() else "no such folder"
+        raise DataError(f"dataset folder {root}: {problem}")
+    candidates = _candidate_files(root)
+    n_threads = workers or min(8, os.cpu_count() or 1)
+    # The filter is process-wide, so it also covers the pool's threads while they run.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with ThreadPoolExecutor(max_workers=max(1, n_threads)) as pool:
+            checks = list(pool.map(_check_image, (root / name for name in candidates)))
+
+    files: list[str] = []
+    sizes: list[int] = []
+    skipped: list[SkippedFile] = []
+    for name, (size, reason) in zip(candidates, checks, strict=True):
+        if reason is None:
+            files.append(name)
+            sizes.append(size)
+        else:
+            skipped.append(SkippedFile(name, reason))
+
+    if not files:
+        raise DataError(_no_images_message(root, skipped))
+
+    labels: tuple[int, ...] | None = None
+    classes: tuple[str, ...] | None = None
+    if all("/" in name for name in files):
+        class_of = [name.split("/", 1)[0] for name in files]
+        classes = tuple(sorted(set(class_of)))
+        index = {name: i for i, name in enumerate(classes)}
+        labels = tuple(index[c] for c in class_of)
+    return ImageFolderScan(
+        root=root,
+        files=tuple(files),
+        labels=labels,
+        classes=classes,
+        skipped=tuple(skipped),
+        sizes=tuple(sizes),
+    )
+
+
+def _no_images_message(root: Path, skipped: list[SkippedFile]) -> str:
+    if not skipped:
+        return f"no images in {root}: the folder has no files (hidden files are ignored)"
+    top = Counter(skip.reason for skip in skipped).most_common(3)
+    reasons = ", ".join(f"{reason} ({count})" for reason, count in top)
+    return (
+        f"no readable image in {root}: {len(skipped)} files skipped, top reasons: {reasons}; "
+        "accepted formats are JPEG, PNG, WEBP, BMP and GIF"
+    )
+
+
+def load_rgb(path: Path | str) -> Image.Image:
+    """The first frame of the image at `path` as 8-bit RGB, EXIF orientation applied.
+
+    Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images all become RGB.
+    """
+    with Image.open(path) as image:
+        image.seek(0)
+        frame = ImageOps.exif_transpose(image)
+        if frame.mode.startswith("I"):
+            frame = _sixteen_bit_to_l(frame)
+        return frame.convert("RGB")
+
+
+def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (as in 16-bit PNGs) scaled to 8 bits; Pillow's convert would clip.
+
+    Mode "I" holding only 0..255 (an 8-bit image widened) is kept as it is.
+    """
+    pixels = np.asarray(image, dtype=np.float64)
+    scale = 257.0 if image.mode != "I" or pixels.max(initial=0) > 255 else 1.0
+    return Image.fromarray(np.clip(np.rint(pixels / scale), 0, 255).astype(np.uint8))
+
+
+def _mix_seed(*values: int) -> int:
+    """A 63-bit seed that changes unpredictably with every one of `values`."""
+    text = ":".join(str(int(v)) for v in values).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+class MultiCropDataset(Dataset[Sample]):
+    """`dataset[(epoch, index)]` -> (crops of image `index`, index), same crops for the same key.
+
+    The transform runs under a forked global torch RNG seeded from (seed, epoch, index),
+    so the crops do not depend on the worker, the number of workers or what ran before.
+    """
+
+    def __init__(
+        self,
+        scan: ImageFolderScan,
+        transform: Callable[[Image.Image], list[torch.Tensor]],
+        seed: int,
+    ) -> None:
+        self.scan = scan
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.scan.files)
+
+    def __getitem__(self, key: SampleKey) -> Sample:
+        if not isinstance(key, tuple) or len(key) != 2:
+            raise TypeError(
+                f"MultiCropDataset takes (epoch, index) keys, got {key!r}; "
+                "draw them from ShardedEpochSampler"
+            )
+        epoch, index = int(key[0]), int(key[1])
+        name = self.scan.files[index]
+        try:
+            image = load_rgb(self.scan.root / name)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise DataError(
+                f"{name} in {self.scan.root} cannot be read any more ({exc}); "
+                "the folder changed after it was scanned"
+            ) from exc
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix_seed(self.seed, epoch, index))
+            crops = self.transform(image)
+        return crops, index
+
+
+class ShardedEpochSampler(Sampler[SampleKey]):
+    """One epoch of `(epoch, index)` keys for one rank, in full batches only.
+
+    Every rank draws the same permutation from (seed, epoch). Global batch i is
+    `perm[i*G : (i+1)*G]` with G = batch_size_per_rank * world_size, and rank r takes
+    its r-th contiguous slice of b = batch_size_per_rank, so concatenating the ranks'
+    batch i in rank order gives exactly the batch i of a single process with batch G.
+    The tail that does not fill a global batch is dropped. `set_epoch` selects the
+    epoch and the batch to start from (to resume mid-epoch).
+    """
+
+    def __init__(
+        self,
+        dataset_len: int,
+        batch_size_per_rank: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        start_epoch: int = 0,
+        start_batch: int = 0,
+    ) -> None:
+        if batch_size_per_rank < 1 or world_size < 1:
+            raise ValueError(
+                f"batch_size_per_rank={batch_size_per_rank} and world_size={world_size} "
+                "must both be >= 1"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is outside 0..{world_size - 1}")
+        self.dataset_len = dataset_len
+        self.batch_size_per_rank = batch_size_per_rank
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        global_batch = batch_size_per_rank * world_size
+        if dataset_len // global_batch == 0:
+            raise DataError(
+                f"the dataset has {dataset_len} images, fewer than the global batch of "
+                f"{global_batch} ({world_size} ranks x {batch_size_per_rank}); "
+                "lower batch_size or add images"
+            )
+        self.epoch = 0
+        self.start_batch = 0
+        self.set_epoch(start_epoch, start_batch)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size_per_rank * self.world_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.dataset_len // self.global_batch_size
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Iterate epoch `epoch` next, from its batch `start_batch` (0..batches_per_epoch)."""
+        if epoch < 0:
+            raise ValueError(f"epoch={epoch} must be >= 0")
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(
+                f"start_batch={start_batch} is outside 0..{self.batches_per_epoch} "
+                f"(batches per epoch)"
+            )
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The epoch's order of all dataset indices; identical on every rank."""
+        generator = torch.Generator().manual_seed(_mix_seed(self.seed, epoch))
+        return torch.randperm(self.dataset_len, generator=generator)
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        epoch, b = self.epoch, self.batch_size_per_rank
+        order = self.permutation(epoch).tolist()
+        for batch in range(self.start_batch, self.batches_per_epoch):
+            first = batch * self.global_batch_size + self.rank * b
+            for index in order[first : first + b]:
+                yield epoch, index
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size_per_rank
+
+
+def collate_crops(batch: list[Sample]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """[(crops, index), ...] -> ([crop 0 of all samples stacked, crop 1 ..., ...], indices)."""
+    n_crops = len(batch[0][0])
+    crops = [torch.stack([sample[0][c] for sample in batch]) for c in range(n_crops)]
+    indices = torch.tensor([sample[1] for sample in batch], dtype=torch.long)
+    return crops, indices
+
+
+def make_loader(
+    dataset: MultiCropDataset,
+    sampler: ShardedEpochSampler,
+    batch_size_per_rank: int,
+    num_workers: int,
+    device: torch.device,
+) -> DataLoader[Sample]:
+    """A DataLoader of (list of V crop batches, index batch) over the sampler's current epoch.
+
+    Workers persist across epochs; the sampler is re-iterated in the main process on
+    every `iter(loader)`, so `sampler.set_epoch` between epochs takes effect. The loader
+    has its own generator so iterating it leaves the global torch RNG untouched.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size_per_rank,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_crops,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(0),
+    )
