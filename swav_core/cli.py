@@ -65,23 +65,22 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def _fail(message: object) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def _run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
     try:
         return main(argv)
     except ValidationError as error:
         first = error.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "config"
-        console.print(f"[red]error:[/] {field}: {first['msg']}", highlight=False)
-    except (
-        SwavError,
-        KeyError,
-        FileNotFoundError,
-        json.JSONDecodeError,
-        tomllib.TOMLDecodeError,
-    ) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        console.print(f"[red]error:[/] {message}", highlight=False)
-    return 2
+        return _fail(f"{field}: {first['msg'].removeprefix('Value error, ')}")
+    except KeyError as error:
+        return _fail(error.args[0] if error.args else error)
+    except (SwavError, OSError, json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
+        return _fail(error)
 
 
 class ProgressBar:

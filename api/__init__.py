@@ -1,0 +1,1 @@
+"""The swav-service HTTP API (FastAPI): datasets, jobs, events, checkpoints."""
