@@ -215,14 +215,14 @@ def _train(
     # --- model
     torch.manual_seed(config.seed)
     model = SwAVModel.from_config(config)
-    if config.sync_bn and ctx.distributed:
-        model = (
+    if config.sync_bn and ctx.distributed:  # both convert the SwAVModel's children in place
+        if device.type == "cuda":
             nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            if device.type == "cuda"
-            else convert_batchnorm(model)
-        )
+        else:
+            convert_batchnorm(model)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
+    model.to(device)
+    model.to(memory_format=memory_format)
     network: nn.Module = model
     if ctx.distributed:
         device_ids = [device.index] if device.type == "cuda" else None
@@ -243,7 +243,7 @@ def _train(
     step, epoch, batch_in_epoch = 0, 0, 0
     last_loss: float | None = None
     if resume and (loaded := load_latest_checkpoint(run_dir, map_location="cpu")) is not None:
-        state, info = loaded
+        state, resumed_from = loaded
         check_resumable(state["config"], config)
         if state["dataset_fingerprint"] != scan.fingerprint():
             emit(
@@ -260,7 +260,7 @@ def _train(
             queue = new_queue()
             queue.load_state_dict(queue_slice(state["queues"], ctx.rank, ctx.world_size))
         restore_rng_state(state["rng"])
-        emit("resumed", step=step, epoch=epoch, checkpoint=str(info.path))
+        emit("resumed", step=step, epoch=epoch, checkpoint=str(resumed_from.path))
 
     def checkpoint(final: bool = False) -> CheckpointInfo | None:
         """Every rank joins the queue gather; rank 0 writes."""
@@ -385,9 +385,9 @@ def _train(
             if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
                 checkpoint()
             if any_rank(should_stop() if should_stop else False, device):
-                info = checkpoint()
+                saved = checkpoint()
                 emit("stopped", step=step, total_steps=total_steps, epoch=epoch)
-                return TrainResult("stopped", step, total_steps, epoch, last_loss, info)
+                return TrainResult("stopped", step, total_steps, epoch, last_loss, saved)
 
         emit("epoch", epoch=epoch, step=step, loss=last_loss)
         epoch, batch_in_epoch = epoch + 1, 0
@@ -395,9 +395,9 @@ def _train(
         if every and epoch % every == 0 and epoch < config.epochs:
             checkpoint()
 
-    info = checkpoint(final=True)
+    saved = checkpoint(final=True)
     emit("finished", step=step, total_steps=total_steps, loss=last_loss)
-    return TrainResult("completed", step, total_steps, epoch, last_loss, info)
+    return TrainResult("completed", step, total_steps, epoch, last_loss, saved)
 
 
 def _spawned_rank(

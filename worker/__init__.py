@@ -1,0 +1,1 @@
+"""Celery workers that run swav_core jobs: dataset ingestion and training."""

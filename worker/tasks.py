@@ -1,0 +1,298 @@
+"""Celery tasks. Each takes an id, re-reads its row, and does nothing if the row moved on.
+
+`ingest_dataset` extracts and validates an upload (short queue). `run_job` claims a
+queued job with a compare-and-set, runs the trainer in a child process, relays its
+events into the database, and records how it ended (train queue).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import update
+
+from api.db import session_scope
+from api.models import Checkpoint, Dataset, Job, new_id, utcnow
+from api.settings import Settings, get_settings
+from api.store import append_event, change_status
+from swav_core.data import scan_image_folder
+from swav_core.errors import DataError
+from worker.archive import ArchiveLimits, extract_archive
+from worker.celery_app import INGEST_TASK, TRAIN_TASK, app
+
+log = logging.getLogger(__name__)
+MAX_REPORTED_SKIPS = 1000
+
+
+def dataset_images_dir(settings: Settings, dataset_id: str) -> Path:
+    return settings.dataset_dir(dataset_id) / "images"
+
+
+def _single_top_folder(root: Path) -> Path:
+    """Archives often wrap everything in one folder; the classes are the folders below it."""
+    entries = [e for e in root.iterdir() if not e.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir():
+        return _single_top_folder(entries[0])
+    return root
+
+
+@app.task(name=INGEST_TASK)
+def ingest_dataset(dataset_id: str) -> None:
+    settings = get_settings()
+    with session_scope() as session:
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is None or dataset.status != "validating":
+            return
+    folder = settings.dataset_dir(dataset_id)
+    uploads = sorted(folder.glob("upload.*"))
+    staging, images = folder / "images.partial", dataset_images_dir(settings, dataset_id)
+    shutil.rmtree(staging, ignore_errors=True)
+    limits = ArchiveLimits(
+        settings.max_archive_members,
+        settings.max_uncompressed_bytes,
+        settings.max_compression_ratio,
+    )
+    try:
+        if not uploads:
+            raise DataError("the uploaded archive is missing; upload it again")
+        report = extract_archive(uploads[0], staging, limits)
+        if report.written == 0:
+            raise DataError(
+                "the archive holds no files"
+                + (
+                    f" that could be accepted ({len(report.refused)} refused)"
+                    if report.refused
+                    else ""
+                )
+            )
+        shutil.rmtree(images, ignore_errors=True)
+        _single_top_folder(staging).rename(images)
+        shutil.rmtree(staging, ignore_errors=True)
+        scan = scan_image_folder(images)
+    except DataError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        with session_scope() as session:
+            session.execute(
+                update(Dataset)
+                .where(Dataset.id == dataset_id)
+                .values(status="failed", error_code=error.code, error_message=str(error))
+            )
+        return
+    skipped = report.refused + [{"path": s.path, "reason": s.reason} for s in scan.skipped]
+    with session_scope() as session:
+        session.execute(
+            update(Dataset)
+            .where(Dataset.id == dataset_id, Dataset.status == "validating")
+            .values(
+                status="ready",
+                num_images=len(scan.files),
+                num_skipped=len(skipped),
+                skipped=skipped[:MAX_REPORTED_SKIPS],
+                classes=list(scan.classes) if scan.classes else None,
+                fingerprint=scan.fingerprint(),
+            )
+        )
+
+
+@dataclass
+class Relay:
+    """Moves the trainer's events.jsonl into the database, throttling metric events."""
+
+    job_id: str
+    run_dir: Path
+    settings: Settings
+    offset: int = 0
+    last_metrics_at: float = 0.0
+    pending_metrics: dict[str, Any] | None = None
+
+    def start_at_end(self) -> None:
+        path = self.run_dir / "events.jsonl"
+        self.offset = path.stat().st_size if path.exists() else 0
+
+    def poll(self, flush: bool = False) -> None:
+        path = self.run_dir / "events.jsonl"
+        if path.exists():
+            with path.open("rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+            complete = data[: data.rfind(b"\n") + 1]
+            self.offset += len(complete)
+            events = [json.loads(line) for line in complete.splitlines() if line.strip()]
+            if events:
+                with session_scope() as session:
+                    for event in events:
+                        self._apply(session, event)
+        if self.pending_metrics and (
+            flush or time.monotonic() - self.last_metrics_at >= self.settings.events_metrics_every_s
+        ):
+            with session_scope() as session:
+                append_event(session, self.job_id, "metrics", self.pending_metrics)
+            self.pending_metrics = None
+            self.last_metrics_at = time.monotonic()
+
+    def _apply(self, session: Any, event: dict[str, Any]) -> None:
+        kind = event.pop("type")
+        event.pop("time", None)
+        if kind == "metrics":
+            metrics = {
+                k: v for k, v in event.items() if k not in ("step", "total_steps", "epoch", "eta_s")
+            }
+            session.execute(
+                update(Job)
+                .where(Job.id == self.job_id)
+                .values(
+                    step=event["step"],
+                    total_steps=event["total_steps"],
+                    epoch=event["epoch"],
+                    metrics=metrics,
+                    eta_s=event["eta_s"],
+                    updated_at=utcnow(),
+                )
+            )
+            self.pending_metrics = event
+            return
+        if kind == "started":
+            session.execute(
+                update(Job)
+                .where(Job.id == self.job_id)
+                .values(total_steps=event["total_steps"], step=event["step"], epoch=event["epoch"])
+            )
+        elif kind == "checkpoint":
+            path = Path(event["path"]).resolve().relative_to(self.settings.artifacts)
+            session.add(
+                Checkpoint(
+                    id=new_id("ckpt"),
+                    job_id=self.job_id,
+                    step=event["step"],
+                    epoch=event["epoch"],
+                    final=event["final"],
+                    path=str(path),
+                    size_bytes=event["size_bytes"],
+                    sha256=event["sha256"],
+                    metrics={"loss": event.get("loss")},
+                )
+            )
+            session.flush()
+            self._mark_pruned(session)
+            event = {**event, "path": str(path)}
+        append_event(session, self.job_id, kind, event)
+
+    def _mark_pruned(self, session: Any) -> None:
+        rows = session.query(Checkpoint).filter(
+            Checkpoint.job_id == self.job_id, Checkpoint.available.is_(True)
+        )
+        for row in rows:
+            if not (self.settings.artifacts / row.path).exists():
+                row.available = False
+
+
+def _start_child(run_dir: Path) -> subprocess.Popen[bytes]:
+    log_file = (run_dir / "train.log").open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.train_child", str(run_dir)],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _kill_group(process: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@app.task(name=TRAIN_TASK)
+def run_job(job_id: str) -> None:
+    settings = get_settings()
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != "queued":
+            return  # a duplicate delivery, or cancelled while queued
+        claimed = change_status(
+            session,
+            job_id,
+            "running",
+            expected=("queued",),
+            attempt=job.attempt + 1,
+            started_at=job.started_at or utcnow(),
+            lease_owner=owner,
+            fencing_token=job.fencing_token + 1,
+        )
+        if not claimed:
+            return
+        config, dataset_id = job.config, job.dataset_id
+
+    run_dir = settings.job_dir(job_id) / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "STOP").unlink(missing_ok=True)
+    (run_dir / "outcome.json").unlink(missing_ok=True)
+    spec = {"config": config, "data_dir": str(dataset_images_dir(settings, dataset_id))}
+    (run_dir / "job.json").write_text(json.dumps(spec))
+
+    relay = Relay(job_id, run_dir, settings)
+    relay.start_at_end()
+    started = time.monotonic()
+    child = _start_child(run_dir)
+    cancel_at: float | None = None
+    try:
+        while child.poll() is None:
+            time.sleep(settings.poll_interval_s)
+            relay.poll()
+            with session_scope() as session:
+                status = session.get(Job, job_id).status  # type: ignore[union-attr]
+            if status == "cancelling" and cancel_at is None:
+                (run_dir / "STOP").touch()
+                cancel_at = time.monotonic()
+            if cancel_at is not None and time.monotonic() - cancel_at > settings.cancel_grace_s:
+                _kill_group(child, signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            _kill_group(child, signal.SIGKILL)
+            child.wait()
+    relay.poll(flush=True)
+    _finish(job_id, run_dir, child.returncode, time.monotonic() - started, cancel_at is not None)
+
+
+def _finish(job_id: str, run_dir: Path, returncode: int, seconds: float, cancelled: bool) -> None:
+    outcome_path = run_dir / "outcome.json"
+    outcome = json.loads(outcome_path.read_text()) if outcome_path.exists() else None
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(compute_seconds=Job.compute_seconds + seconds, lease_owner=None)
+        )
+        if outcome is not None and outcome["status"] == "completed":
+            change_status(session, job_id, "succeeded", eta_s=0.0)
+        elif outcome is not None and outcome["status"] == "stopped" and cancelled:
+            change_status(session, job_id, "cancelled")
+        elif outcome is not None and outcome["status"] == "failed":
+            error = outcome["error"]
+            change_status(
+                session, job_id, "failed", error_code=error["code"], error_message=error["message"]
+            )
+        elif cancelled:
+            change_status(session, job_id, "cancelled")
+        else:
+            change_status(
+                session,
+                job_id,
+                "failed",
+                error_code="internal",
+                error_message=f"the training process exited with code {returncode} "
+                "without a result; see train.log",
+            )
