@@ -15,10 +15,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m swav_core.demo --out var/demo
+	$(BIN)/python -m api.demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check swav_core tests bench
+	$(BIN)/ruff check swav_core api worker migrations tests bench
 	$(BIN)/mypy swav_core
 
 test: lint

@@ -146,7 +146,7 @@ def _target(root: Path, name: str, report: ExtractReport) -> Path | None:
     return target
 
 
-def _count(report: ExtractReport, limits: ArchiveLimits, seen: int) -> None:
+def _count(limits: ArchiveLimits, seen: int) -> None:
     if seen > limits.max_members:
         raise DataError(f"the archive has more than {limits.max_members} members")
 
@@ -154,7 +154,7 @@ def _count(report: ExtractReport, limits: ArchiveLimits, seen: int) -> None:
 def _extract_zip(path: Path, root: Path, report: ExtractReport, limits: ArchiveLimits) -> None:
     with zipfile.ZipFile(path) as archive:
         for seen, (name, kind, compressed, info) in enumerate(_zip_members(archive), 1):
-            _count(report, limits, seen)
+            _count(limits, seen)
             if kind == "dir":
                 continue
             if kind is not None:
@@ -172,7 +172,7 @@ def _extract_tar(path: Path, root: Path, report: ExtractReport, limits: ArchiveL
     compressed_total = path.stat().st_size
     with tarfile.open(path, mode="r:*") as archive:
         for seen, member in enumerate(archive, 1):
-            _count(report, limits, seen)
+            _count(limits, seen)
             if member.isdir():
                 continue
             if member.issym() or member.islnk():

@@ -7,6 +7,7 @@ events into the database, and records how it ended (train queue).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -208,10 +209,8 @@ def _start_child(run_dir: Path) -> subprocess.Popen[bytes]:
 
 
 def _kill_group(process: subprocess.Popen[bytes], sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 @app.task(name=TRAIN_TASK)

@@ -1,0 +1,136 @@
+"""The README's main job: the whole service on embedded defaults, driven over HTTP.
+
+Starts `swav-service up` (SQLite, Celery's filesystem transport, local artifacts, all
+under ./var/demo), generates a small image set, uploads it, submits a cpu-tiny job,
+follows it to `succeeded` over the live event stream, lists its checkpoints and
+downloads the final one, checking its sha256. No Redis or PostgreSQL needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+
+from swav_core.synthetic import write_shapes_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_service(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWAV_")}
+    env["SWAV_DATA_DIR"] = str(data_dir)
+    return subprocess.Popen([sys.executable, "-m", "api.cli", "up", "--port", str(port)],
+                            env=env, cwd=ROOT, start_new_session=True)
+
+
+def wait_ready(base: str, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("the service did not become ready")
+
+
+def dataset_zip() -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_shapes_dataset(Path(tmp), per_class=32, size=32)
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for path in sorted(folder.rglob("*.png")):
+                archive.write(path, str(path.relative_to(folder)))
+        return buffer.getvalue()
+
+
+def follow(client: httpx.Client, job_id: str) -> None:
+    """Print progress from the job's live event stream until it ends."""
+    with client.stream("GET", f"/v1/jobs/{job_id}/events",
+                       headers={"Accept": "text/event-stream"}, timeout=None) as stream:
+        for line in stream.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[6:])
+            data = event["data"]
+            if event["type"] == "metrics":
+                print(f"  step {data['step']}/{data['total_steps']}  epoch {data['epoch']}  "
+                      f"loss {data['loss']:.4f}  lr {data['lr']:.4f}  "
+                      f"{data['images_per_s']:.0f} img/s  ETA {data['eta_s']:.0f}s", flush=True)
+            elif event["type"] == "state":
+                print(f"  job is {data['status']}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="swav-demo")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "var" / "demo")
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args(argv)
+    shutil.rmtree(args.data_dir, ignore_errors=True)
+    base = f"http://127.0.0.1:{args.port}"
+
+    service = start_service(args.data_dir, args.port)
+    try:
+        wait_ready(base)
+        print(f"service up at {base} (embedded mode, data in {args.data_dir})")
+        with httpx.Client(base_url=base, timeout=60) as client:
+            upload = client.post("/v1/datasets", data={"name": "shapes"},
+                                 files={"file": ("shapes.zip", dataset_zip(), "application/zip")})
+            upload.raise_for_status()
+            dataset_id = upload.json()["id"]
+            while (dataset := client.get(f"/v1/datasets/{dataset_id}").json())["status"] == (
+                "validating"
+            ):
+                time.sleep(0.5)
+            if dataset["status"] != "ready":
+                raise SystemExit(f"dataset failed: {dataset}")
+            print(f"dataset {dataset_id}: {dataset['num_images']} images, "
+                  f"classes {dataset['classes']}")
+
+            job = client.post("/v1/jobs", json={"dataset_id": dataset_id, "preset": "cpu-tiny",
+                                                "name": "demo"}).json()
+            print(f"job {job['id']} submitted (cpu-tiny)")
+            follow(client, job["id"])
+            job = client.get(f"/v1/jobs/{job['id']}").json()
+            if job["status"] != "succeeded":
+                raise SystemExit(f"job ended {job['status']}: {job['error']}")
+
+            checkpoints = client.get(f"/v1/jobs/{job['id']}/checkpoints").json()["data"]
+            for c in checkpoints:
+                print(f"  checkpoint {c['id']} step {c['step']} final={c['final']} "
+                      f"{c['size_bytes']} bytes sha256 {c['sha256'][:12]}")
+            final = next(c for c in checkpoints if c["final"])
+            target = args.data_dir / "final.safetensors"
+            response = client.get(f"/v1/checkpoints/{final['id']}/download",
+                                  params={"format": "full"})
+            response.raise_for_status()
+            if hashlib.sha256(response.content).hexdigest() != final["sha256"]:
+                raise SystemExit("downloaded checkpoint does not match its sha256")
+            (args.data_dir / "final.pt").write_bytes(response.content)
+            model = client.get(f"/v1/checkpoints/{final['id']}/download",
+                               params={"format": "safetensors"})
+            model.raise_for_status()
+            target.write_bytes(model.content)
+            print(f"downloaded {args.data_dir / 'final.pt'} (sha256 verified) and {target}")
+    finally:
+        os.killpg(service.pid, signal.SIGINT)
+        service.wait(timeout=60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
