@@ -37,10 +37,27 @@ def run_api(host: str, port: int) -> None:
 def worker_command(queues: str, name: str | None, concurrency: int = 1) -> list[str]:
     """A Celery worker on `queues`: one task at a time (training takes a whole machine)."""
     hostname = name or f"{queues.replace(',', '-')}@%h-{os.getpid()}"
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "worker",
-            "--queues", queues, "--pool", "solo", "--concurrency", str(concurrency),
-            "--hostname", hostname, "--loglevel", "INFO", "--without-gossip",
-            "--without-mingle", "--without-heartbeat"]
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app:app",
+        "worker",
+        "--queues",
+        queues,
+        "--pool",
+        "solo",
+        "--concurrency",
+        str(concurrency),
+        "--hostname",
+        hostname,
+        "--loglevel",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
 
 
 def up(host: str, port: int) -> int:
@@ -55,8 +72,9 @@ def up(host: str, port: int) -> int:
         worker_command(settings.short_queue, None),
     ]
     children = [subprocess.Popen(c, cwd=ROOT) for c in commands]
-    print(f"swav-service up: http://{host}:{port} (data in {settings.data_dir.resolve()})",
-          flush=True)
+    print(
+        f"swav-service up: http://{host}:{port} (data in {settings.data_dir.resolve()})", flush=True
+    )
     stopping = False
 
     def stop(signum: int, frame: object) -> None:

@@ -32,8 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def start_service(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWAV_")}
     env["SWAV_DATA_DIR"] = str(data_dir)
-    return subprocess.Popen([sys.executable, "-m", "api.cli", "up", "--port", str(port)],
-                            env=env, cwd=ROOT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "up", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
 
 
 def wait_ready(base: str, timeout: float = 90) -> None:
@@ -60,17 +64,21 @@ def dataset_zip() -> bytes:
 
 def follow(client: httpx.Client, job_id: str) -> None:
     """Print progress from the job's live event stream until it ends."""
-    with client.stream("GET", f"/v1/jobs/{job_id}/events",
-                       headers={"Accept": "text/event-stream"}, timeout=None) as stream:
+    with client.stream(
+        "GET", f"/v1/jobs/{job_id}/events", headers={"Accept": "text/event-stream"}, timeout=None
+    ) as stream:
         for line in stream.iter_lines():
             if not line.startswith("data: "):
                 continue
             event = json.loads(line[6:])
             data = event["data"]
             if event["type"] == "metrics":
-                print(f"  step {data['step']}/{data['total_steps']}  epoch {data['epoch']}  "
-                      f"loss {data['loss']:.4f}  lr {data['lr']:.4f}  "
-                      f"{data['images_per_s']:.0f} img/s  ETA {data['eta_s']:.0f}s", flush=True)
+                print(
+                    f"  step {data['step']}/{data['total_steps']}  epoch {data['epoch']}  "
+                    f"loss {data['loss']:.4f}  lr {data['lr']:.4f}  "
+                    f"{data['images_per_s']:.0f} img/s  ETA {data['eta_s']:.0f}s",
+                    flush=True,
+                )
             elif event["type"] == "state":
                 print(f"  job is {data['status']}", flush=True)
 
@@ -88,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         wait_ready(base)
         print(f"service up at {base} (embedded mode, data in {args.data_dir})")
         with httpx.Client(base_url=base, timeout=60) as client:
-            upload = client.post("/v1/datasets", data={"name": "shapes"},
-                                 files={"file": ("shapes.zip", dataset_zip(), "application/zip")})
+            upload = client.post(
+                "/v1/datasets",
+                data={"name": "shapes"},
+                files={"file": ("shapes.zip", dataset_zip(), "application/zip")},
+            )
             upload.raise_for_status()
             dataset_id = upload.json()["id"]
             while (dataset := client.get(f"/v1/datasets/{dataset_id}").json())["status"] == (
@@ -98,11 +109,14 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.5)
             if dataset["status"] != "ready":
                 raise SystemExit(f"dataset failed: {dataset}")
-            print(f"dataset {dataset_id}: {dataset['num_images']} images, "
-                  f"classes {dataset['classes']}")
+            print(
+                f"dataset {dataset_id}: {dataset['num_images']} images, "
+                f"classes {dataset['classes']}"
+            )
 
-            job = client.post("/v1/jobs", json={"dataset_id": dataset_id, "preset": "cpu-tiny",
-                                                "name": "demo"}).json()
+            job = client.post(
+                "/v1/jobs", json={"dataset_id": dataset_id, "preset": "cpu-tiny", "name": "demo"}
+            ).json()
             print(f"job {job['id']} submitted (cpu-tiny)")
             follow(client, job["id"])
             job = client.get(f"/v1/jobs/{job['id']}").json()
@@ -111,18 +125,22 @@ def main(argv: list[str] | None = None) -> int:
 
             checkpoints = client.get(f"/v1/jobs/{job['id']}/checkpoints").json()["data"]
             for c in checkpoints:
-                print(f"  checkpoint {c['id']} step {c['step']} final={c['final']} "
-                      f"{c['size_bytes']} bytes sha256 {c['sha256'][:12]}")
+                print(
+                    f"  checkpoint {c['id']} step {c['step']} final={c['final']} "
+                    f"{c['size_bytes']} bytes sha256 {c['sha256'][:12]}"
+                )
             final = next(c for c in checkpoints if c["final"])
             target = args.data_dir / "final.safetensors"
-            response = client.get(f"/v1/checkpoints/{final['id']}/download",
-                                  params={"format": "full"})
+            response = client.get(
+                f"/v1/checkpoints/{final['id']}/download", params={"format": "full"}
+            )
             response.raise_for_status()
             if hashlib.sha256(response.content).hexdigest() != final["sha256"]:
                 raise SystemExit("downloaded checkpoint does not match its sha256")
             (args.data_dir / "final.pt").write_bytes(response.content)
-            model = client.get(f"/v1/checkpoints/{final['id']}/download",
-                               params={"format": "safetensors"})
+            model = client.get(
+                f"/v1/checkpoints/{final['id']}/download", params={"format": "safetensors"}
+            )
             model.raise_for_status()
             target.write_bytes(model.content)
             print(f"downloaded {args.data_dir / 'final.pt'} (sha256 verified) and {target}")

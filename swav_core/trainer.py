@@ -262,12 +262,17 @@ def _train(
         restore_rng_state(state["rng"])
         emit("resumed", step=step, epoch=epoch, checkpoint=str(resumed_from.path))
 
+    saved_at: dict[str, Any] = {"step": None, "info": None}
+
     def checkpoint(final: bool = False) -> CheckpointInfo | None:
-        """Every rank joins the queue gather; rank 0 writes."""
+        """Every rank joins the queue gather; rank 0 writes. One save per step at most."""
+        if not final and saved_at["step"] == step:
+            return saved_at["info"]
         queues = None
         if queue is not None:
             gathered = gather_tensors(queue.features)
             queues = [{"features": f.cpu(), "filled": queue.filled} for f in gathered]
+        saved_at.update(step=step, info=None)
         if not ctx.is_main:
             return None
         state = {
@@ -286,6 +291,7 @@ def _train(
             "loss": last_loss,
         }
         info = save_checkpoint(run_dir, state, step, config.keep_last, final=final)
+        saved_at["info"] = info
         emit(
             "checkpoint",
             step=step,

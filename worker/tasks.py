@@ -189,6 +189,22 @@ class Relay:
             event = {**event, "path": str(path)}
         append_event(session, self.job_id, kind, event)
 
+    def _record_checkpoint(self, session: Any, event: dict[str, Any], path: str) -> None:
+        """One row per (step, final); a file written again at the same step (a resumed
+        run that re-saves it) updates the row."""
+        values = {"epoch": event["epoch"], "path": path, "size_bytes": event["size_bytes"],
+                  "sha256": event["sha256"], "metrics": {"loss": event.get("loss")},
+                  "available": True}
+        row = session.query(Checkpoint).filter_by(
+            job_id=self.job_id, step=event["step"], final=event["final"]).one_or_none()
+        if row is None:
+            session.add(Checkpoint(id=new_id("ckpt"), job_id=self.job_id, step=event["step"],
+                                   final=event["final"], **values))
+        else:
+            for key, value in values.items():
+                setattr(row, key, value)
+        session.flush()
+
     def _mark_pruned(self, session: Any) -> None:
         rows = session.query(Checkpoint).filter(
             Checkpoint.job_id == self.job_id, Checkpoint.available.is_(True)

@@ -1,0 +1,159 @@
+"""One error envelope for every 4xx and 5xx answer: {"error": {"code", "message", "param"}}.
+
+`code` is stable and machine-readable, `message` says what went wrong and how to fix it,
+`param` names the request field at fault (dotted path) or is null. Handlers never echo
+request values (an upload or a config can be large) and never include a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from swav_core.errors import CheckpointError, ConfigError, DataError, SwavError
+
+log = logging.getLogger(__name__)
+
+# HTTP status of each engine error that reaches the API; anything else is a 500.
+SWAV_ERROR_STATUS: dict[type[SwavError], int] = {
+    ConfigError: 422,
+    DataError: 422,
+    CheckpointError: 500,
+}
+
+# Codes for errors raised by Starlette/FastAPI themselves (unknown route, bad method, ...).
+HTTP_STATUS_CODES: dict[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+}
+
+_LOCATIONS = ("body", "query", "path", "header", "cookie")
+
+
+class ApiError(Exception):
+    """An error answered with the envelope: raise it anywhere below a route."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.headers = headers
+
+
+def not_found(kind: str, param: str, identifier: str) -> ApiError:
+    return ApiError(404, "not_found", f"no {kind} with id {identifier!r}", param)
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "param": param}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def field_path(loc: Sequence[Any]) -> str | None:
+    """`("body", "config", "epochs")` -> "config.epochs"; the location kind is dropped."""
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in _LOCATIONS:
+        parts = parts[1:]
+    return ".".join(parts) or None
+
+
+def describe_error(error: dict[str, Any], param: str | None) -> str:
+    """One pydantic error as "field: what to fix", without the offending input value."""
+    kind = error.get("type", "")
+    message = str(error.get("msg", "invalid value"))
+    message = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if kind == "json_invalid":
+        return "the request body is not valid JSON"
+    if kind == "missing":
+        return f"{param}: this field is required" if param else "the request body is required"
+    if kind == "extra_forbidden":
+        return f"{param}: unknown field; remove it (see the schema at /docs)"
+    return f"{param}: {message}" if param else message
+
+
+def validation_error(
+    errors: Sequence[Any], prefix: str = "", code: str = "invalid_request"
+) -> ApiError:
+    """An ApiError(422) from pydantic errors: `param` is the first field, all are listed."""
+    # A JSON syntax error's loc holds a character offset, not a field.
+    params = [
+        None if e.get("type") == "json_invalid" else field_path(e.get("loc", ())) for e in errors
+    ]
+    if prefix:
+        params = [f"{prefix}.{p}" if p else prefix for p in params]
+    messages = [describe_error(e, p) for e, p in zip(errors, params, strict=True)]
+    unique = list(dict.fromkeys(messages))
+    message = "; ".join(unique[:5]) + (f" (and {len(unique) - 5} more)" if len(unique) > 5 else "")
+    return ApiError(422, code, message or "invalid request", params[0] if params else None)
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
+
+
+async def _request_validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    error = validation_error(exc.errors())
+    return error_response(error.status, error.code, error.message, error.param)
+
+
+async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = HTTP_STATUS_CODES.get(exc.status_code, "internal" if exc.status_code >= 500 else "error")
+    if exc.status_code == 404:
+        message = f"no route {request.url.path}; see /docs for the API"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    return error_response(exc.status_code, code, message, headers=exc.headers)
+
+
+async def _swav_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, SwavError)
+    status = next((s for t, s in SWAV_ERROR_STATUS.items() if isinstance(exc, t)), 500)
+    if status >= 500:
+        log.error("engine error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(status, exc.code, str(exc))
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal", "internal server error; the server log has details")
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _request_validation)
+    app.add_exception_handler(StarletteHTTPException, _http_exception)
+    app.add_exception_handler(SwavError, _swav_error)
+    app.add_exception_handler(Exception, _unhandled)

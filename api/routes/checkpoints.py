@@ -1,0 +1,184 @@
+"""Checkpoints of a job, and their download as the training state or as safetensors.
+
+`full` is the stored training checkpoint (.pt, loads with `torch.load(weights_only=True)`).
+`safetensors` (the whole SwAV model, its config in the metadata) and `backbone` (the
+backbone alone, loadable into torchvision) are exported on first request, next to the
+checkpoint (`<name>.model.safetensors`, `<name>.backbone.safetensors`), and reused. The
+export writes atomically, so concurrent first requests are safe. torch is imported only
+when an export is made, so the API starts without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.deps import SessionDep, SettingsDep, TenantDep
+from api.errors import ApiError, not_found
+from api.models import Checkpoint, Job
+from api.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
+from api.routes.jobs import find_job
+from api.schemas import CheckpointPublic, CheckpointsPublic
+from api.settings import Settings
+from swav_core.errors import CheckpointError
+
+router = APIRouter(tags=["checkpoints"])
+
+_HASH_CHUNK = 1 << 20
+
+
+class DownloadFormat(StrEnum):
+    full = "full"
+    safetensors = "safetensors"
+    backbone = "backbone"
+
+
+EXPORT_SUFFIX = {
+    DownloadFormat.safetensors: ".model.safetensors",
+    DownloadFormat.backbone: ".backbone.safetensors",
+}
+
+
+def find_checkpoint(session: Session, tenant: str, checkpoint_id: str) -> Checkpoint:
+    row = session.scalar(
+        select(Checkpoint)
+        .join(Job, Job.id == Checkpoint.job_id)
+        .where(Checkpoint.id == checkpoint_id, Job.tenant == tenant)
+    )
+    if row is None:
+        raise not_found("checkpoint", "checkpoint_id", checkpoint_id)
+    return row
+
+
+@router.get("/v1/jobs/{job_id}/checkpoints", response_model=CheckpointsPublic)
+def list_checkpoints(
+    job_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: LimitQuery = DEFAULT_LIMIT,
+    cursor: CursorQuery = None,
+) -> CheckpointsPublic:
+    """The job's checkpoints still on disk, newest first (older ones are pruned)."""
+    find_job(session, tenant, job_id)
+    statement = select(Checkpoint).where(
+        Checkpoint.job_id == job_id, Checkpoint.available.is_(True)
+    )
+    rows, next_cursor = paginate(session, statement, Checkpoint, limit, cursor)
+    return CheckpointsPublic(
+        data=[CheckpointPublic.from_row(r) for r in rows], next_cursor=next_cursor
+    )
+
+
+@router.get("/v1/checkpoints/{checkpoint_id}", response_model=CheckpointPublic)
+def get_checkpoint(checkpoint_id: str, session: SessionDep, tenant: TenantDep) -> CheckpointPublic:
+    return CheckpointPublic.from_row(find_checkpoint(session, tenant, checkpoint_id))
+
+
+def _gone(checkpoint_id: str) -> ApiError:
+    return ApiError(
+        410,
+        "checkpoint_gone",
+        f"checkpoint {checkpoint_id} is no longer on disk (pruned or removed); "
+        "download a newer checkpoint of the job",
+        "checkpoint_id",
+    )
+
+
+def stored_path(settings: Settings, row: Checkpoint) -> Path | None:
+    """The checkpoint file under the artifacts folder, or None if it is not there."""
+    root = settings.artifacts
+    path = (root / row.path).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        return None
+    return path
+
+
+def export_path(checkpoint: Path, fmt: DownloadFormat) -> Path:
+    """`step-000000008.pt` -> `step-000000008.model.safetensors` (or `.backbone...`)."""
+    return checkpoint.with_name(checkpoint.stem + EXPORT_SUFFIX[fmt])
+
+
+def export(checkpoint: Path, fmt: DownloadFormat) -> Path:
+    """The cached export of `checkpoint` in `fmt`, made now if missing (imports torch)."""
+    target = export_path(checkpoint, fmt)
+    if target.is_file():
+        return target
+    from swav_core.checkpoint import (
+        export_backbone_safetensors,
+        export_model_safetensors,
+        load_model,
+    )
+
+    model, config = load_model(checkpoint)
+    if fmt is DownloadFormat.safetensors:
+        export_model_safetensors(model, config, target)
+    else:
+        export_backbone_safetensors(model, target, config.backbone)
+    return target
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@router.get(
+    "/v1/checkpoints/{checkpoint_id}/download",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {}},
+            "description": "The file; `X-Checksum-SHA256` holds its sha256.",
+        },
+        410: {"description": "The file was pruned (`checkpoint_gone`)."},
+    },
+)
+def download_checkpoint(
+    checkpoint_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    format: Annotated[
+        DownloadFormat,
+        Query(description="full: training state (.pt); safetensors: model; backbone."),
+    ] = DownloadFormat.full,
+) -> FileResponse:
+    row = find_checkpoint(session, tenant, checkpoint_id)
+    path = stored_path(settings, row) if row.available else None
+    if path is None:
+        raise _gone(checkpoint_id)
+    stem = f"{row.job_id}-{Path(row.path).stem}"
+    if format is DownloadFormat.full:
+        return FileResponse(
+            path,
+            media_type="application/octet-stream",
+            filename=f"{stem}.pt",
+            headers={"X-Checksum-SHA256": row.sha256},
+        )
+    try:
+        exported = export(path, format)
+    except CheckpointError as exc:
+        if not path.is_file():  # pruned while we were reading it
+            raise _gone(checkpoint_id) from exc
+        raise ApiError(
+            500,
+            "checkpoint_failed",
+            f"checkpoint {checkpoint_id} cannot be exported: its file does not verify or load",
+            "checkpoint_id",
+        ) from exc
+    return FileResponse(
+        exported,
+        media_type="application/octet-stream",
+        filename=f"{stem}{EXPORT_SUFFIX[format]}",
+        headers={"X-Checksum-SHA256": file_sha256(exported)},
+    )

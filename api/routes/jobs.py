@@ -1,0 +1,426 @@
+"""Jobs: create (idempotent), list, read, cancel, resume, and the event log (JSON or SSE).
+
+A job's state lives in the database; the broker message only says "look at job X", and
+is sent after the commit so a worker never looks before the row exists. The worker moves
+a job queued -> running -> succeeded/failed/cancelled; the API moves it queued ->
+cancelled, running -> cancelling, and (resume, the one exception to "terminal states
+never change") cancelled/failed -> queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from api.db import get_sessionmaker
+from api.deps import SessionDep, SettingsDep, TenantDep
+from api.errors import ApiError, not_found, validation_error
+from api.models import (
+    JOB_STATUSES,
+    TERMINAL_JOB_STATUSES,
+    IdempotencyRecord,
+    Job,
+    JobEvent,
+    new_id,
+    utcnow,
+)
+from api.pagination import DEFAULT_LIMIT, MAX_LIMIT, CursorQuery, LimitQuery, paginate
+from api.routes.datasets import find_dataset
+from api.schemas import EventPublic, EventsPublic, JobCreate, JobPublic, JobsPublic
+from api.store import append_event, change_status
+from swav_core.config import TrainConfig, config_from, preset_names
+from worker.dispatch import enqueue_job
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+MAX_METADATA_BYTES = 16 * 1024
+KEEPALIVE_S = 15.0  # proxies commonly drop connections idle for 30-60 s
+SSE_BATCH = 500
+RESUMABLE = ("cancelled", "failed")
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=200,
+        description="Retries with the same key and body replay the first answer.",
+    ),
+]
+
+
+def find_job(session: Session, tenant: str, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant))
+    if job is None:
+        raise not_found("job", "job_id", job_id)
+    return job
+
+
+def resolve_config(preset: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """The full TrainConfig of a request, or ApiError 422 `invalid_config` naming the field."""
+    try:
+        return config_from(preset, **overrides)
+    except KeyError as exc:  # only an unknown preset: validation errors are ValidationError
+        raise ApiError(
+            422,
+            "invalid_config",
+            f"preset: unknown preset {preset!r}; use one of {', '.join(preset_names())} "
+            "or omit it for the paper's defaults",
+            "preset",
+        ) from exc
+    except ValidationError as exc:
+        raise validation_error(exc.errors(), prefix="config", code="invalid_config") from exc
+
+
+def request_hash(payload: JobCreate) -> str:
+    canonical = json.dumps(payload.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replay(record: IdempotencyRecord, digest: str) -> JSONResponse:
+    if record.request_hash != digest:
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            "this Idempotency-Key was used with a different request body; use a new key",
+            "Idempotency-Key",
+        )
+    return JSONResponse(record.response, status_code=record.status_code)
+
+
+def _enqueue_or_fail(session: Session, job_id: str) -> None:
+    """Send the job to the broker; if it is unreachable, fail the job and answer 503.
+
+    The job is failed rather than left queued: nothing would ever pick it up. It can be
+    resumed once the broker is back.
+    """
+    try:
+        enqueue_job(job_id)
+    except Exception as exc:
+        message = "the task broker was unreachable; resume the job once it is back"
+        change_status(
+            session,
+            job_id,
+            "failed",
+            expected=("queued",),
+            error_code="broker_unavailable",
+            error_message=message,
+        )
+        session.commit()
+        raise ApiError(503, "broker_unavailable", f"job {job_id} failed: {message}") from exc
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobPublic,
+    responses={
+        404: {"description": "No such dataset."},
+        409: {"description": "`dataset_not_ready`, or `idempotency_conflict`."},
+        422: {"description": "`invalid_config` (param names the field) or `invalid_request`."},
+    },
+)
+def create_job(
+    payload: JobCreate,
+    session: SessionDep,
+    tenant: TenantDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Any:
+    """Submit a training job: `preset` and then `config` overrides give the TrainConfig."""
+    digest = request_hash(payload)
+    if idempotency_key is not None:
+        record = session.get(IdempotencyRecord, (tenant, idempotency_key))
+        if record is not None:
+            return _replay(record, digest)
+
+    config = resolve_config(payload.preset, payload.config)
+    if payload.metadata is not None and len(json.dumps(payload.metadata)) > MAX_METADATA_BYTES:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"metadata: at most {MAX_METADATA_BYTES} bytes of JSON",
+            "metadata",
+        )
+    dataset = find_dataset(session, tenant, payload.dataset_id, lock=True)
+    if dataset.status != "ready":
+        raise ApiError(
+            409,
+            "dataset_not_ready",
+            f"dataset {dataset.id} is {dataset.status}"
+            + ("; wait until it is ready" if dataset.status == "validating" else "")
+            + (f": {dataset.error_message}" if dataset.error_message else ""),
+            "dataset_id",
+        )
+
+    job = Job(
+        id=new_id("job"),
+        tenant=tenant,
+        dataset_id=dataset.id,
+        name=payload.name,
+        preset=payload.preset,
+        config=config.model_dump(mode="json"),
+        user_metadata=payload.metadata,
+        status="queued",
+        step=0,
+        epoch=0,
+        epochs=config.epochs,
+        attempt=0,
+        compute_seconds=0.0,
+    )
+    session.add(job)
+    session.flush()
+    append_event(session, job.id, "state", {"status": "queued"})
+    session.flush()
+    body = JobPublic.from_row(job).model_dump(mode="json")
+    if idempotency_key is not None:
+        session.add(
+            IdempotencyRecord(
+                tenant=tenant,
+                key=idempotency_key,
+                request_hash=digest,
+                status_code=201,
+                response=body,
+            )
+        )
+    try:
+        session.commit()
+    except IntegrityError:
+        # A concurrent request with the same key committed first: answer as it did.
+        session.rollback()
+        if idempotency_key is None:
+            raise
+        record = session.get(IdempotencyRecord, (tenant, idempotency_key))
+        if record is None:
+            raise
+        return _replay(record, digest)
+    try:
+        _enqueue_or_fail(session, job.id)
+    except ApiError:
+        if idempotency_key is not None:  # let a retry with the same key create a new job
+            session.execute(
+                delete(IdempotencyRecord).where(
+                    IdempotencyRecord.tenant == tenant, IdempotencyRecord.key == idempotency_key
+                )
+            )
+            session.commit()
+        raise
+    return JSONResponse(body, status_code=201)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    session: SessionDep,
+    tenant: TenantDep,
+    status: Annotated[
+        str | None, Query(description="Comma-separated statuses, e.g. queued,running.")
+    ] = None,
+    limit: LimitQuery = DEFAULT_LIMIT,
+    cursor: CursorQuery = None,
+) -> JobsPublic:
+    """The tenant's jobs, newest first, optionally only those in some statuses."""
+    statement = select(Job).where(Job.tenant == tenant)
+    if status is not None:
+        wanted = [s.strip() for s in status.split(",") if s.strip()]
+        unknown = [s for s in wanted if s not in JOB_STATUSES]
+        if unknown or not wanted:
+            problem = f"{unknown[0][:50]!r} is not a job status" if unknown else "it is empty"
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"status: {problem}; use one or more of {', '.join(JOB_STATUSES)}",
+                "status",
+            )
+        statement = statement.where(Job.status.in_(wanted))
+    rows, next_cursor = paginate(session, statement, Job, limit, cursor)
+    return JobsPublic(data=[JobPublic.from_row(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+    return JobPublic.from_row(find_job(session, tenant, job_id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    response_model=JobPublic,
+    responses={409: {"description": "The job already finished (`job_finished`)."}},
+)
+def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+    """Queued: cancelled at once. Running: `cancelling` until the worker stops it at the
+    next step (a checkpoint is kept, so it can be resumed). Cancelling: unchanged."""
+    job = find_job(session, tenant, job_id)
+    # change_status is a compare-and-set; if the worker moved the job in between, look again.
+    for _ in range(5):
+        if job.status in TERMINAL_JOB_STATUSES:
+            raise ApiError(
+                409, "job_finished", f"job {job_id} already finished as {job.status}", "job_id"
+            )
+        if job.status == "cancelling":
+            break
+        if job.status == "queued":
+            moved = change_status(session, job_id, "cancelled", expected=("queued",))
+        else:
+            moved = change_status(
+                session, job_id, "cancelling", expected=("running",), cancel_requested_at=utcnow()
+            )
+        session.commit()
+        session.refresh(job)
+        if moved:
+            break
+    return JobPublic.from_row(job)
+
+
+def ensure_dataset_usable(session: Session, tenant: str, dataset_id: str) -> None:
+    """ApiError 409 `dataset_not_ready` unless the job's dataset can still be trained on."""
+    try:
+        dataset = find_dataset(session, tenant, dataset_id)
+    except ApiError as exc:
+        raise ApiError(
+            409,
+            "dataset_not_ready",
+            f"the job's dataset {dataset_id} was deleted; create a new job on another dataset",
+            "dataset_id",
+        ) from exc
+    if dataset.status != "ready":
+        raise ApiError(
+            409, "dataset_not_ready", f"dataset {dataset_id} is {dataset.status}", "dataset_id"
+        )
+
+
+@router.post(
+    "/{job_id}/resume",
+    status_code=202,
+    response_model=JobPublic,
+    responses={409: {"description": "`job_not_resumable`, or `dataset_not_ready`."}},
+)
+def resume_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+    """Queue a cancelled or failed job again; it continues from its latest checkpoint."""
+    job = find_job(session, tenant, job_id)
+    if job.status not in RESUMABLE:
+        raise ApiError(
+            409,
+            "job_not_resumable",
+            f"job {job_id} is {job.status}; only cancelled or failed jobs can be resumed",
+            "job_id",
+        )
+    ensure_dataset_usable(session, tenant, job.dataset_id)
+    # The one move out of a terminal state, so not change_status: a compare-and-set of its own.
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(RESUMABLE))
+        .values(
+            status="queued",
+            error_code=None,
+            error_message=None,
+            finished_at=None,
+            cancel_requested_at=None,
+            eta_s=None,
+            updated_at=utcnow(),
+        )
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        raise ApiError(409, "job_not_resumable", f"job {job_id} changed state; retry", "job_id")
+    append_event(session, job_id, "state", {"status": "queued", "resumed": True})
+    session.commit()
+    _enqueue_or_fail(session, job_id)
+    session.refresh(job)
+    return JobPublic.from_row(job)
+
+
+# --------------------------------------------------------------------------- events
+
+
+def _fetch_events(job_id: str, after: int, limit: int) -> tuple[str | None, list[EventPublic]]:
+    """(job status, up to `limit` events with seq > after), in a short session of its own.
+
+    The status is read first: a terminal status is committed together with its final
+    event, so once it is seen, the events read next include everything up to it.
+    """
+    with get_sessionmaker()() as session:
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+        rows = session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.seq > after)
+            .order_by(JobEvent.seq)
+            .limit(limit)
+        ).all()
+        return status, [EventPublic.from_row(r) for r in rows]
+
+
+def sse_message(event: EventPublic) -> str:
+    return f"id: {event.seq}\nevent: {event.type}\ndata: {event.model_dump_json()}\n\n"
+
+
+async def event_stream(job_id: str, after: int, poll_s: float) -> AsyncIterator[str]:
+    """Server-sent events from seq `after` on; ends once the job is terminal and drained.
+
+    The stream ends only after a poll that saw the terminal status found no new event,
+    so events committed just after the status change still get one poll to arrive.
+    """
+    last_write = time.monotonic()
+    while True:
+        status, events = await run_in_threadpool(_fetch_events, job_id, after, SSE_BATCH)
+        for event in events:
+            yield sse_message(event)
+            after = event.seq
+        if events:
+            last_write = time.monotonic()
+            if len(events) == SSE_BATCH:
+                continue
+        elif status is None or status in TERMINAL_JOB_STATUSES:
+            return
+        if time.monotonic() - last_write >= KEEPALIVE_S:
+            yield ": keepalive\n\n"
+            last_write = time.monotonic()
+        await asyncio.sleep(poll_s)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=EventsPublic,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "JSON page, or with `Accept: text/event-stream` a live stream "
+            "(`id: <seq>`, `event: <type>`, `data: <EventPublic>`) that ends when the job "
+            "is finished.",
+        }
+    },
+)
+def list_events(
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    after: Annotated[int, Query(ge=0, description="Only events with a larger seq.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    last_event_id: Annotated[
+        int | None, Header(alias="Last-Event-ID", ge=0, description="SSE reconnection.")
+    ] = None,
+) -> Response | EventsPublic:
+    """The job's events in order (seq 1, 2, ...); page with `after` = `next_cursor`."""
+    find_job(session, tenant, job_id)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        start = last_event_id if last_event_id is not None else after
+        return StreamingResponse(
+            event_stream(job_id, start, settings.poll_interval_s),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    _, events = _fetch_events(job_id, after, limit + 1)
+    next_cursor = str(events[limit - 1].seq) if len(events) > limit else None
+    return EventsPublic(data=events[:limit], next_cursor=next_cursor)

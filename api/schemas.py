@@ -1,0 +1,218 @@
+"""Request and response bodies: `XCreate` (input, unknown keys rejected), `XPublic`, `XsPublic`.
+
+Responses are built from rows with `from_row`, so what the API shows is chosen here and
+not by whatever columns a model happens to have (leases, tenants and paths stay inside).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from api.models import Checkpoint, Dataset, Job, JobEvent
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; every stored time is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class PublicModel(BaseModel):
+    @field_validator("*", mode="after")
+    @classmethod
+    def _utc_times(cls, value: Any) -> Any:
+        return _aware(value) if isinstance(value, datetime) else value
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str | None
+
+    @classmethod
+    def of(cls, code: str | None, message: str | None) -> ErrorInfo | None:
+        return cls(code=code, message=message) if code else None
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class DatasetPublic(PublicModel):
+    id: str
+    name: str
+    status: str = Field(description="validating, ready or failed.")
+    archive_bytes: int
+    num_images: int | None = None
+    num_skipped: int | None = None
+    skipped: list[Any] | None = Field(None, description="Files that were not images, why.")
+    classes: list[Any] | None = None
+    fingerprint: str | None = None
+    error: ErrorInfo | None = None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Dataset) -> DatasetPublic:
+        return cls(
+            id=row.id,
+            name=row.name,
+            status=row.status,
+            archive_bytes=row.archive_bytes,
+            num_images=row.num_images,
+            num_skipped=row.num_skipped,
+            skipped=row.skipped,
+            classes=row.classes,
+            fingerprint=row.fingerprint,
+            error=ErrorInfo.of(row.error_code, row.error_message),
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+
+
+class DatasetsPublic(BaseModel):
+    data: list[DatasetPublic]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null last.")
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str = Field(max_length=40)
+    name: str | None = Field(None, max_length=200)
+    preset: str | None = Field(
+        None, max_length=50, description="A named preset (e.g. cpu-tiny); null: paper defaults."
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="TrainConfig fields that override the preset."
+    )
+    metadata: dict[str, Any] | None = Field(None, description="Free-form, returned as given.")
+
+
+class Progress(BaseModel):
+    step: int
+    total_steps: int | None
+    epoch: int
+    epochs: int
+
+
+class JobPublic(PublicModel):
+    id: str
+    name: str | None
+    dataset_id: str
+    preset: str | None
+    status: str = Field(description="queued, running, cancelling, succeeded, failed, cancelled.")
+    progress: Progress
+    metrics: dict[str, Any] | None
+    eta_s: float | None
+    attempt: int
+    error: ErrorInfo | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+    config: dict[str, Any] = Field(description="The resolved, complete TrainConfig.")
+    metadata: dict[str, Any] | None
+    compute_seconds: float
+
+    @classmethod
+    def from_row(cls, row: Job) -> JobPublic:
+        return cls(
+            id=row.id,
+            name=row.name,
+            dataset_id=row.dataset_id,
+            preset=row.preset,
+            status=row.status,
+            progress=Progress(
+                step=row.step, total_steps=row.total_steps, epoch=row.epoch, epochs=row.epochs
+            ),
+            metrics=row.metrics,
+            eta_s=row.eta_s,
+            attempt=row.attempt,
+            error=ErrorInfo.of(row.error_code, row.error_message),
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            updated_at=row.updated_at,
+            config=row.config,
+            metadata=row.user_metadata,
+            compute_seconds=row.compute_seconds,
+        )
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    next_cursor: str | None
+
+
+# --------------------------------------------------------------------------- events
+
+
+class EventPublic(PublicModel):
+    seq: int = Field(description="1, 2, 3, ... within the job; the SSE `id`.")
+    type: str
+    data: dict[str, Any]
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: JobEvent) -> EventPublic:
+        return cls(seq=row.seq, type=row.type, data=row.data, created_at=row.created_at)
+
+
+class EventsPublic(BaseModel):
+    data: list[EventPublic]
+    next_cursor: str | None = Field(description="Pass as `after` for the next page; null last.")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointPublic(PublicModel):
+    id: str
+    job_id: str
+    step: int
+    epoch: int
+    final: bool
+    available: bool = Field(description="False once pruned from disk (downloads answer 410).")
+    size_bytes: int
+    sha256: str
+    metrics: dict[str, Any] | None
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Checkpoint) -> CheckpointPublic:
+        return cls(
+            id=row.id,
+            job_id=row.job_id,
+            step=row.step,
+            epoch=row.epoch,
+            final=row.final,
+            available=row.available,
+            size_bytes=row.size_bytes,
+            sha256=row.sha256,
+            metrics=row.metrics,
+            created_at=row.created_at,
+        )
+
+
+class CheckpointsPublic(BaseModel):
+    data: list[CheckpointPublic]
+    next_cursor: str | None
+
+
+# --------------------------------------------------------------------------- health
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    database: str
+    broker: str
