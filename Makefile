@@ -19,7 +19,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check swav_core api worker migrations tests bench
-	$(BIN)/mypy swav_core
+	$(BIN)/mypy swav_core api worker
 
 test: lint
 	$(BIN)/pytest -q

@@ -25,7 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-DATASET_STATUSES = ("validating", "ready", "failed")
+DATASET_STATUSES = ("validating", "ready", "failed", "deleted")
 JOB_STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 TERMINAL_JOB_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE_JOB_STATUSES = frozenset({"queued", "running", "cancelling"})
