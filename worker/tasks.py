@@ -216,8 +216,10 @@ class Relay:
 
 def _start_child(run_dir: Path) -> subprocess.Popen[bytes]:
     log_file = (run_dir / "train.log").open("ab")
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}  # see swav_core/cli.py
     return subprocess.Popen(
         [sys.executable, "-m", "worker.train_child", str(run_dir)],
+        env=env,
         stdout=log_file,
         stderr=subprocess.STDOUT,
         start_new_session=True,

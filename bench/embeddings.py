@@ -1,0 +1,272 @@
+"""POST /v1/embeddings throughput: serving overhead at batch 32, and micro-batching's gain.
+
+Makes a temporary embedded-mode data dir (SQLite, `swav-service migrate`), saves a random
+resnet18 SwAV checkpoint configured for 96 px crops and inserts its dataset/job/checkpoint
+rows, then starts `swav-service api` (a subprocess) and measures:
+
+1. Serving overhead: sequential requests of 32 base64 JPEGs against the bare forward
+   (`embed` on the same checkpoint, preprocessed batch of 32) in this process. Both
+   processes use --threads torch threads, and never run at the same time.
+   Goal: endpoint images/s >= 0.8 x bare images/s.
+2. Micro-batching: --clients concurrent clients each sending single-image requests for
+   --seconds, with batching on (default settings) and off (a fresh API with
+   SWAV_EMBED_BATCH_WINDOW_MS=0 and SWAV_EMBED_MAX_BATCH=1): requests/s, p50/p99.
+   Goal: on/off >= 3x.
+
+    .venv/bin/python bench/embeddings.py [--threads 2] [--seconds 12] [--clients 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+from sqlalchemy.orm import Session
+
+from api.db import make_engine
+from api.models import Checkpoint, Dataset, Job, new_id
+from swav_core.checkpoint import load_model, save_checkpoint
+from swav_core.config import config_from
+from swav_core.embed import embed, preprocess
+from swav_core.model import SwAVModel
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BATCH = 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_images(count: int, seed: int = 0) -> list[bytes]:
+    """Distinct 128 x 112 JPEGs (smooth gradients plus noise, like photos more than noise)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    y, x = np.mgrid[0:112, 0:128]
+    for _ in range(count):
+        base = rng.uniform(0, 255, 3) + rng.uniform(-1, 1, 3) * (x[..., None] + y[..., None])
+        pixels = np.clip(base + rng.normal(0, 20, (112, 128, 3)), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def setup(data_dir: Path, env: dict[str, str]) -> tuple[str, Path]:
+    """Migrate, save the resnet18 checkpoint, insert its rows; (checkpoint id, its path)."""
+    subprocess.run([str(BIN / "swav-service"), "migrate"], env=env, check=True, cwd=ROOT)
+    config = config_from(
+        None,
+        backbone="resnet18",
+        size_crops=(96, 64),
+        nmb_crops=(2, 2),
+        min_scale_crops=(0.14, 0.05),
+        max_scale_crops=(1.0, 0.14),
+        n_prototypes=100,
+        feat_dim=128,
+        hidden_mlp=512,
+    )
+    torch.manual_seed(0)
+    model = SwAVModel.from_config(config)
+    state = {"model": model.state_dict(), "config": config.model_dump(mode="json")}
+    artifacts = (data_dir / "artifacts").resolve()
+    job_id, checkpoint_id = new_id("job"), new_id("ckpt")
+    info = save_checkpoint(artifacts / "jobs" / job_id / "run", state, step=1, keep_last=1,
+                           final=True)
+    assert info.sha256 is not None and info.size is not None
+    engine = make_engine(f"sqlite:///{(data_dir / 'swav.db').resolve()}")
+    with Session(engine) as session:
+        session.add(Dataset(id="ds_bench", tenant="local", name="bench", status="ready"))
+        session.flush()
+        session.add(Job(id=job_id, tenant="local", dataset_id="ds_bench", status="succeeded",
+                        config=config.model_dump(mode="json"), epochs=1))
+        session.flush()
+        session.add(Checkpoint(id=checkpoint_id, job_id=job_id, step=1, epoch=1, final=True,
+                               path=str(info.path.relative_to(artifacts)), size_bytes=info.size,
+                               sha256=info.sha256))
+        session.commit()
+    engine.dispose()
+    return checkpoint_id, info.path
+
+
+class Api:
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.base = f"http://127.0.0.1:{free_port()}"
+        self._log = open(log, "wb")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            [str(BIN / "swav-service"), "api", "--port", self.base.rsplit(":", 1)[1]],
+            env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"API did not start; see {log}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        self._log.close()
+
+
+def post(http: httpx.Client, model: str, inputs: list[str]) -> dict[str, Any]:
+    response = http.post("/v1/embeddings", json={"model": model, "input": inputs})
+    if response.status_code != 200:
+        raise RuntimeError(f"{response.status_code}: {response.text}")
+    return dict(response.json())
+
+
+def bare_forward(path: Path, images: list[bytes], iterations: int) -> tuple[float, torch.Tensor]:
+    """Images/s of `embed` on a preprocessed batch of 32 in this process; its output."""
+    model, config = load_model(path)
+    pil = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+    batch = preprocess(pil, config.size_crops[0])
+    out = embed(model, batch)
+    embed(model, batch)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        embed(model, batch)
+    return iterations * len(batch) / (time.perf_counter() - start), out
+
+
+def endpoint_batch(base: str, model: str, inputs: list[str], iterations: int) -> tuple[float, Any]:
+    with httpx.Client(base_url=base, timeout=120) as http:
+        body = post(http, model, inputs)
+        post(http, model, inputs)
+        start = time.perf_counter()
+        for _ in range(iterations):
+            post(http, model, inputs)
+        rate = iterations * len(inputs) / (time.perf_counter() - start)
+    return rate, body
+
+
+def concurrent_singles(
+    base: str, model: str, inputs: list[str], clients: int, seconds: float
+) -> tuple[float, list[float], int, dict[str, Any]]:
+    """(requests/s, latencies, errors, stats delta) of `clients` single-image loops."""
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    with httpx.Client(base_url=base, timeout=120) as http:
+        for i in range(0, len(inputs), 8):  # warm-up (and model load)
+            post(http, model, inputs[i : i + 1])
+        before = http.get("/v1/embeddings/stats").json()
+    start_at = time.monotonic() + 0.5
+    stop_at = start_at + seconds
+
+    def client(index: int) -> None:
+        nonlocal errors
+        mine: list[float] = []
+        bad = 0
+        with httpx.Client(base_url=base, timeout=120) as http:
+            http.get("/healthz")  # connect before the clock starts
+            time.sleep(max(0.0, start_at - time.monotonic()))
+            n = index
+            while time.monotonic() < stop_at:
+                begin = time.perf_counter()
+                try:
+                    post(http, model, [inputs[n % len(inputs)]])
+                except (httpx.HTTPError, RuntimeError):
+                    bad += 1
+                mine.append(time.perf_counter() - begin)
+                n += clients
+        with lock:
+            latencies.extend(mine)
+            errors += bad
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - start_at
+    with httpx.Client(base_url=base, timeout=30) as http:
+        after = http.get("/v1/embeddings/stats").json()
+    delta = {k: after[k] - before[k] for k in ("model_calls", "items", "requests")}
+    return len(latencies) / elapsed, latencies, errors, delta
+
+
+def describe(name: str, rate: float, latencies: list[float], errors: int,
+             delta: dict[str, Any]) -> str:
+    q = statistics.quantiles(latencies, n=100)
+    per_call = delta["items"] / max(1, delta["model_calls"])
+    return (f"  {name}: {rate:7.1f} req/s, p50 {q[49] * 1000:6.1f} ms, p99 {q[98] * 1000:6.1f} ms, "
+            f"errors {errors} of {len(latencies)}; {delta['model_calls']} forwards, "
+            f"{per_call:.1f} images/forward")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=12)
+    parser.add_argument("--clients", type=int, default=32)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    data_dir = Path(tempfile.mkdtemp(prefix="swav-embed-bench-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWAV_")}
+    env |= {"SWAV_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT),
+            "SWAV_EMBED_TORCH_THREADS": str(args.threads)}
+    try:
+        began = time.monotonic()
+        model, path = setup(data_dir, env)
+        images = make_images(BATCH)
+        inputs = [base64.b64encode(data).decode() for data in images]
+        print(f"resnet18 @ 96 px, batch {BATCH}, {args.threads} torch threads in both processes, "
+              f"{os.cpu_count()} CPUs, device cpu")
+
+        bare, reference = bare_forward(path, images, args.iterations)
+        api = Api(env, data_dir / "api-batching.log")
+        try:
+            served, body = endpoint_batch(api.base, model, inputs, args.iterations)
+            got = torch.tensor([row["embedding"] for row in body["data"]])
+            error = (got - reference).abs().max().item()
+            print("serving overhead at batch 32 (sequential requests):")
+            print(f"  bare forward {bare:7.1f} images/s; endpoint {served:7.1f} images/s; "
+                  f"ratio {served / bare:.2f} (goal >= 0.8); max |diff| {error:.1e}")
+            on = concurrent_singles(api.base, model, inputs, args.clients, args.seconds)
+        finally:
+            api.stop()
+        env_off = env | {"SWAV_EMBED_BATCH_WINDOW_MS": "0", "SWAV_EMBED_MAX_BATCH": "1"}
+        api = Api(env_off, data_dir / "api-unbatched.log")
+        try:
+            off = concurrent_singles(api.base, model, inputs, args.clients, args.seconds)
+        finally:
+            api.stop()
+        print(f"{args.clients} concurrent single-image clients, {args.seconds:.0f} s each:")
+        print(describe("micro-batching on ", *on))
+        print(describe("micro-batching off", *off))
+        print(f"  ratio {on[0] / off[0]:.2f}x (goal >= 3x); total {time.monotonic() - began:.0f} s")
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
