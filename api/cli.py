@@ -34,7 +34,9 @@ def run_api(host: str, port: int) -> None:
     uvicorn.run("api.main:create_app", factory=True, host=host, port=port, log_level="warning")
 
 
-def worker_command(queues: str, name: str | None, concurrency: int = 1) -> list[str]:
+def worker_command(
+    queues: str, name: str | None, concurrency: int = 1, loglevel: str = "INFO"
+) -> list[str]:
     """A Celery worker on `queues`: one task at a time (training takes a whole machine)."""
     hostname = name or f"{queues.replace(',', '-')}@%h-{os.getpid()}"
     return [
@@ -68,8 +70,8 @@ def up(host: str, port: int) -> int:
     settings = get_settings()
     commands = [
         [sys.executable, "-m", "api.cli", "api", "--host", host, "--port", str(port)],
-        worker_command(settings.train_queue, None),
-        worker_command(settings.short_queue, None),
+        worker_command(settings.train_queue, None, loglevel="WARNING"),
+        worker_command(settings.short_queue, None, loglevel="WARNING"),
     ]
     children = [subprocess.Popen(c, cwd=ROOT) for c in commands]
     print(

@@ -80,7 +80,7 @@ def follow(client: httpx.Client, job_id: str) -> None:
                     flush=True,
                 )
             elif event["type"] == "state":
-                print(f"  job is {data['status']}", flush=True)
+                print(f"  job {data['status']}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

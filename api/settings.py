@@ -34,6 +34,18 @@ class Settings(BaseSettings):
     cancel_grace_s: float = Field(60.0, description="Hard stop after a cooperative cancel.")
     poll_interval_s: float = 0.5
 
+    # POST /v1/embeddings: request limits, model cache and micro-batching.
+    max_embedding_items: int = Field(64, description="Images per embedding request (413).")
+    max_image_bytes: int = Field(8 * 1024**2, description="Encoded bytes per image (413).")
+    max_image_pixels: int = Field(40_000_000, description="Pixels per image, bomb guard (413).")
+    embed_cache_models: int = Field(4, description="Models kept loaded (LRU).")
+    embed_cache_bytes: int = Field(2 * 1024**3, description="Parameter bytes kept loaded.")
+    embed_batch_window_ms: float = Field(5.0, description="Micro-batch wait; 0 with max 1: off.")
+    embed_max_batch: int = Field(64, description="Images per forward pass (micro-batch cap).")
+    embed_max_queue_items: int = Field(512, description="Images waiting per model (503).")
+    embed_device: str | None = Field(None, description="Default: cuda if available, else cpu.")
+    embed_torch_threads: int = Field(0, description="torch intra-op threads; 0: torch default.")
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'swav.db').resolve()}"

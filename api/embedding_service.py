@@ -1,0 +1,571 @@
+"""Embeddings from a stored checkpoint: model resolution, image decoding, a model cache, and
+per-model micro-batching.
+
+A request goes: resolve `model` (a checkpoint id, or a job id meaning that job's latest
+available checkpoint) in the database -> decode its images (Pillow, allow-listed formats,
+size and pixel caps) -> fetch the model from an LRU cache bounded by count and by bytes of
+parameters (loading it once, however many requests ask at the same time) -> preprocess at
+the checkpoint's `size_crops[0]` -> hand the batch to the model's `Batcher` for its layer.
+
+A `Batcher` gathers the batches of concurrent requests for up to `embed_batch_window_ms`
+(or until `embed_max_batch` images wait), runs ONE forward pass for all of them on the
+service's single forward thread, and gives each request its own rows back. Requests are
+never split, so a batch may exceed the cap when one request alone does. At most
+`embed_max_queue_items` images wait per (model, layer); beyond that a request is refused
+(`Overloaded`, answered 503). The forward is `swav_core.embed.embed` itself (unnormalised);
+normalising each request's rows afterwards is the same row-wise operation.
+
+Decoding and preprocessing run in the request thread pool, forwards on one dedicated
+thread (one device, one pass at a time), so the event loop never computes. This module
+imports torch only inside functions: importing it (the API does at startup) stays cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import io
+import itertools
+import json
+import logging
+import os
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from api.errors import ApiError
+from api.models import Checkpoint, Job
+from api.routes.checkpoints import stored_path
+from api.settings import Settings
+from swav_core.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+    from swav_core.model import SwAVModel
+
+log = logging.getLogger(__name__)
+
+Layer = Literal["backbone", "projection"]
+
+# What Pillow reports for the allowed formats (MPO: the multi-picture JPEGs cameras write).
+ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF"})
+RETRY_AFTER_S = 1
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The checkpoint a request's `model` names, and its file under the artifacts folder."""
+
+    checkpoint_id: str
+    path: Path
+
+
+def _gone(checkpoint_id: str) -> ApiError:
+    return ApiError(
+        410,
+        "checkpoint_gone",
+        f"checkpoint {checkpoint_id} is no longer on disk (pruned or removed); "
+        "use a newer checkpoint, or the job id for its latest one",
+        "model",
+    )
+
+
+def resolve_model(
+    session: Session, settings: Settings, tenant: str, identifier: str
+) -> ResolvedModel:
+    """A checkpoint id as is; a job id as its final checkpoint, else its highest step.
+
+    404 `model_not_found` when neither exists for the tenant, 410 `checkpoint_gone` for a
+    pruned checkpoint, 409 `model_not_ready` for a job with no checkpoint on disk yet.
+    """
+    row = session.scalar(
+        select(Checkpoint)
+        .join(Job, Job.id == Checkpoint.job_id)
+        .where(Checkpoint.id == identifier, Job.tenant == tenant)
+    )
+    if row is not None:
+        path = stored_path(settings, row) if row.available else None
+        if path is None:
+            raise _gone(identifier)
+        return ResolvedModel(row.id, path)
+    job = session.scalar(select(Job).where(Job.id == identifier, Job.tenant == tenant))
+    if job is None:
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"no checkpoint or job with id {identifier!r}; pass a checkpoint id "
+            "(GET /v1/jobs/{job_id}/checkpoints) or a job id",
+            "model",
+        )
+    rows = session.scalars(
+        select(Checkpoint)
+        .where(Checkpoint.job_id == job.id, Checkpoint.available.is_(True))
+        .order_by(Checkpoint.final.desc(), Checkpoint.step.desc(), Checkpoint.created_at.desc())
+    )
+    for candidate in rows:
+        path = stored_path(settings, candidate)
+        if path is not None:
+            return ResolvedModel(candidate.id, path)
+    raise ApiError(
+        409,
+        "model_not_ready",
+        f"job {job.id} ({job.status}) has no checkpoint available yet; retry once it has "
+        "written one (see GET /v1/jobs/{job_id}/checkpoints)",
+        "model",
+    )
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _invalid(param: str, reason: str) -> ApiError:
+    return ApiError(400, "invalid_image", f"{param}: {reason}", param)
+
+
+def _too_large(param: str, reason: str) -> ApiError:
+    return ApiError(413, "image_too_large", f"{param}: {reason}", param)
+
+
+def decode_base64(text: str, param: str, max_bytes: int) -> bytes:
+    """The bytes of a base64 image (a `data:image/...;base64,` URL is accepted too)."""
+    if text.startswith("data:"):
+        header, comma, text = text.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise _invalid(param, "a data URL must be base64 (data:image/png;base64,...)")
+    text = "".join(text.split())
+    if len(text) // 4 * 3 > max_bytes + 2:
+        raise _too_large(param, f"the image is over the {max_bytes}-byte limit")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise _invalid(param, "not valid base64") from None
+    if len(data) > max_bytes:
+        raise _too_large(param, f"the image is {len(data)} bytes; the limit is {max_bytes}")
+    return data
+
+
+def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
+    """As `swav_core.data`: 16-bit grayscale scaled to 8 bits (Pillow's convert would clip)."""
+    pixels = np.asarray(image, dtype=np.float64)
+    scale = 257.0 if image.mode != "I" or pixels.max(initial=0) > 255 else 1.0
+    return Image.fromarray(np.clip(np.rint(pixels / scale), 0, 255).astype(np.uint8))
+
+
+def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
+    """`data` as 8-bit RGB exactly as `swav_core.data.load_rgb` reads a file.
+
+    Only JPEG/PNG/WEBP/BMP/GIF (by content, not name); the first frame; EXIF orientation
+    applied. Raises ApiError 400 `invalid_image` or 413 `image_too_large` (over
+    `max_pixels`, checked from the header before any pixel is decoded).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in ALLOWED_FORMATS:
+                raise _invalid(
+                    param, f"unsupported format {image.format}; send JPEG, PNG, WEBP, BMP or GIF"
+                )
+            width, height = image.size
+            if width * height > max_pixels:
+                raise _too_large(
+                    param, f"{width}x{height} is over the {max_pixels}-pixel limit"
+                )
+            image.seek(0)
+            frame = ImageOps.exif_transpose(image)
+            if frame.mode.startswith("I"):
+                frame = _sixteen_bit_to_l(frame)
+            return frame.convert("RGB")
+    except ApiError:
+        raise
+    except Image.DecompressionBombError:
+        raise _too_large(param, f"the image is over the {max_pixels}-pixel limit") from None
+    except Image.UnidentifiedImageError:
+        raise _invalid(param, "not a recognised image") from None
+    # Truncated or malformed files fail with many exception types; all mean "undecodable".
+    except Exception as exc:
+        raise _invalid(param, f"cannot be decoded ({type(exc).__name__})") from None
+
+
+def decode_images(
+    payloads: Sequence[str | bytes], field_name: str, settings: Settings, offset: int = 0
+) -> list[Image.Image]:
+    """Every payload (base64 text or raw bytes) decoded; the first bad one raises.
+
+    `offset` is the index of `payloads[0]` in the request (for the error's `param`).
+    """
+    images = []
+    for index, payload in enumerate(payloads, start=offset):
+        param = f"{field_name}.{index}"
+        if isinstance(payload, str):
+            data = decode_base64(payload, param, settings.max_image_bytes)
+        else:
+            data = payload
+            if len(data) > settings.max_image_bytes:
+                raise _too_large(
+                    param,
+                    f"the image is {len(data)} bytes; the limit is {settings.max_image_bytes}",
+                )
+        images.append(decode_image(data, param, settings.max_image_pixels))
+    return images
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class Stats:
+    model_calls: int = 0  # forward passes
+    forward_s: float = 0.0  # time spent in them
+    items: int = 0  # images embedded
+    requests: int = 0  # requests answered with embeddings
+    loads: int = 0
+    evictions: int = 0
+    overloaded: int = 0
+
+
+@dataclass
+class LoadedModel:
+    checkpoint_id: str
+    model: SwAVModel
+    size: int  # the checkpoint's size_crops[0]: the side images are embedded at
+    nbytes: int  # parameters and buffers
+    batchers: dict[str, Batcher] = field(default_factory=dict)
+
+
+def load_entry(checkpoint_id: str, path: Path, device: str) -> LoadedModel:
+    """Load (in a worker thread) the checkpoint's model onto `device`, in eval mode."""
+    from swav_core.checkpoint import load_model
+
+    model, config = load_model(path)
+    model = model.to(device).eval()
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    return LoadedModel(checkpoint_id, model, config.size_crops[0], nbytes)
+
+
+def forward(model: SwAVModel, layer: Layer, batches: list[list[torch.Tensor]]) -> torch.Tensor:
+    """One pass of `embed` (unnormalised) over the concatenated batches, on the CPU after."""
+    import torch
+
+    from swav_core.embed import embed
+
+    parts = [part for batch in batches for part in batch]
+    batch = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return embed(model, batch, layer, normalize=False, batch_size=len(batch)).cpu()
+
+
+EncodingFormat = Literal["float", "base64"]
+
+
+def render(
+    checkpoint_id: str, features: torch.Tensor, normalize: bool, encoding: EncodingFormat
+) -> bytes:
+    """The response body: `{"object": "list", "model", "dim", "data": [{"index", "embedding"}]}`.
+
+    `embedding` is a list of numbers, or with encoding "base64" the row's little-endian
+    float32 bytes in base64 (as OpenAI's API does: ~10x smaller and faster to parse).
+    """
+    import torch.nn.functional as F
+
+    if normalize:
+        features = F.normalize(features, dim=1)
+    rows: list[Any]
+    if encoding == "base64":
+        array = features.numpy().astype("<f4")
+        rows = [base64.b64encode(row.tobytes()).decode() for row in array]
+    else:
+        rows = features.tolist()
+    body = {
+        "object": "list",
+        "model": checkpoint_id,
+        "dim": int(features.shape[1]),
+        "data": [{"index": i, "embedding": row} for i, row in enumerate(rows)],
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def prepare(
+    payloads: Sequence[str | bytes], field_name: str, settings: Settings, offset: int, size: int
+) -> torch.Tensor:
+    """Decode (see `decode_images`), then `swav_core.embed.preprocess` at `size`."""
+    from swav_core.embed import preprocess
+
+    return preprocess(decode_images(payloads, field_name, settings, offset), size)
+
+
+class Overloaded(Exception):
+    """The model's queue is full."""
+
+
+@dataclass
+class _Pending:
+    parts: list[torch.Tensor]  # one request's images, in slices
+    count: int
+    future: asyncio.Future[torch.Tensor]
+    arrived: float
+
+
+class Batcher:
+    """Micro-batches the requests for one (model, layer); see the module docstring."""
+
+    def __init__(
+        self,
+        run: Callable[[list[list[torch.Tensor]]], torch.Tensor],
+        executor: ThreadPoolExecutor,
+        stats: Stats,
+        window_s: float,
+        max_batch: int,
+        max_queue: int,
+    ) -> None:
+        self._run = run
+        self._executor = executor
+        self._stats = stats
+        self._window = window_s
+        self._max_batch = max(1, max_batch)
+        self._max_queue = max_queue
+        self._pending: deque[_Pending] = deque()
+        self._queued = 0
+        self._full = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    async def submit(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The (unnormalised) rows of the images in `parts`, computed with whatever else
+        is waiting."""
+        count = sum(len(part) for part in parts)
+        if self._queued and self._queued + count > self._max_queue:
+            raise Overloaded
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[torch.Tensor] = loop.create_future()
+        self._pending.append(_Pending(parts, count, future, loop.time()))
+        self._queued += count
+        if self._queued >= self._max_batch:
+            self._full.set()
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            delay = self._pending[0].arrived + self._window - loop.time()
+            if self._queued < self._max_batch and delay > 0:
+                self._full.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._full.wait(), delay)
+            taken: list[_Pending] = []
+            count = 0
+            while self._pending and (
+                not taken or count + self._pending[0].count <= self._max_batch
+            ):
+                item = self._pending.popleft()
+                self._queued -= item.count
+                if not item.future.done():  # done: its request was cancelled
+                    taken.append(item)
+                    count += item.count
+            if not taken:
+                continue
+            begin = loop.time()
+            try:
+                out = await loop.run_in_executor(
+                    self._executor, self._run, [item.parts for item in taken]
+                )
+            except Exception as exc:
+                for item in taken:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            self._stats.model_calls += 1
+            self._stats.forward_s += loop.time() - begin
+            self._stats.items += count
+            start = 0
+            for item in taken:
+                rows = out[start : start + item.count]
+                start += item.count
+                if not item.future.done():
+                    item.future.set_result(rows)
+
+
+class ModelCache:
+    """Loaded models, least recently used first out, bounded by count and by bytes.
+
+    The newest model always stays, even alone over the byte bound. Concurrent requests for
+    a model being loaded share that one load.
+    """
+
+    def __init__(self, max_models: int, max_bytes: int, stats: Stats) -> None:
+        self.max_models = max(1, max_models)
+        self.max_bytes = max_bytes
+        self._stats = stats
+        self._entries: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(entry.nbytes for entry in self._entries.values())
+
+    @property
+    def queued_items(self) -> int:
+        """Images waiting for a forward pass, over every cached model and layer."""
+        return sum(b.queued for e in self._entries.values() for b in e.batchers.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def get(self, key: str, load: Callable[[], LoadedModel]) -> LoadedModel:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.create_task(self._load(key, load))
+            self._loading[key] = task
+        return await asyncio.shield(task)
+
+    async def _load(self, key: str, load: Callable[[], LoadedModel]) -> LoadedModel:
+        try:
+            entry = await run_in_threadpool(load)
+        finally:
+            self._loading.pop(key, None)
+        self._stats.loads += 1
+        self._entries[key] = entry
+        while len(self._entries) > 1 and (
+            len(self._entries) > self.max_models or self.nbytes > self.max_bytes
+        ):
+            evicted, _ = self._entries.popitem(last=False)
+            self._stats.evictions += 1
+            log.info("evicted model %s from the embedding cache", evicted)
+        return entry
+
+
+class EmbeddingService:
+    """Per API process: the model cache, the forward thread and the counters."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stats = Stats()
+        self.cache = ModelCache(settings.embed_cache_models, settings.embed_cache_bytes, self.stats)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-forward")
+        self._device: str | None = None
+        self._prepare_threads = max(1, min(4, os.cpu_count() or 1))
+
+    @property
+    def device(self) -> str:
+        """settings.embed_device, else cuda when available, else cpu (imports torch)."""
+        if self._device is None:
+            import torch
+
+            if self.settings.embed_torch_threads > 0:
+                torch.set_num_threads(self.settings.embed_torch_threads)
+            self._device = self.settings.embed_device or (
+                "cuda" if torch.cuda.is_available() else "cpu"
+            )
+        return self._device
+
+    async def _prepare(
+        self, payloads: Sequence[str | bytes], field_name: str, size: int
+    ) -> list[torch.Tensor]:
+        """Decode and preprocess in up to `_prepare_threads` slices at once (pool threads)."""
+        parts = max(1, min(self._prepare_threads, len(payloads) // 4))
+        bounds = [len(payloads) * i // parts for i in range(parts + 1)]
+        results = await asyncio.gather(
+            *(
+                run_in_threadpool(
+                    prepare, payloads[lo:hi], field_name, self.settings, lo, size
+                )
+                for lo, hi in itertools.pairwise(bounds)
+            ),
+            return_exceptions=True,
+        )
+        tensors = []
+        for result in results:  # the first bad image in request order wins
+            if isinstance(result, BaseException):
+                raise result
+            tensors.append(result)
+        return tensors
+
+    def _batcher(self, entry: LoadedModel, layer: Layer) -> Batcher:
+        batcher = entry.batchers.get(layer)
+        if batcher is None:
+            batcher = Batcher(
+                partial(forward, entry.model, layer),
+                self._executor,
+                self.stats,
+                self.settings.embed_batch_window_ms / 1000,
+                self.settings.embed_max_batch,
+                self.settings.embed_max_queue_items,
+            )
+            entry.batchers[layer] = batcher
+        return batcher
+
+    async def embed(
+        self,
+        resolved: ResolvedModel,
+        payloads: Sequence[str | bytes],
+        field_name: str,
+        layer: Layer,
+        normalize: bool,
+        encoding: EncodingFormat = "float",
+    ) -> bytes:
+        """The JSON response body (see `render`); ApiError for bad images, a failed load or
+        a full queue."""
+        device = await run_in_threadpool(lambda: self.device)
+        try:
+            entry = await self.cache.get(
+                resolved.checkpoint_id,
+                partial(load_entry, resolved.checkpoint_id, resolved.path, device),
+            )
+        except CheckpointError as exc:
+            if not resolved.path.is_file():  # pruned since it was resolved
+                raise _gone(resolved.checkpoint_id) from exc
+            raise ApiError(
+                500,
+                "checkpoint_failed",
+                f"checkpoint {resolved.checkpoint_id} cannot be loaded: its file does not "
+                "verify or load",
+                "model",
+            ) from exc
+        batch = await self._prepare(payloads, field_name, entry.size)
+        try:
+            features = await self._batcher(entry, layer).submit(batch)
+        except Overloaded:
+            self.stats.overloaded += 1
+            raise ApiError(
+                503,
+                "overloaded",
+                f"too many images are waiting for model {resolved.checkpoint_id}; "
+                f"retry in {RETRY_AFTER_S} s",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
+        self.stats.requests += 1
+        return await run_in_threadpool(
+            render, resolved.checkpoint_id, features, normalize, encoding
+        )
+
+    def stats_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self.stats),
+            "queued_items": self.cache.queued_items,
+            "cached_models": len(self.cache),
+            "cached_bytes": self.cache.nbytes,
+            "device": self._device,
+        }

@@ -1,0 +1,293 @@
+"""`POST /v1/embeddings`: image embeddings from any checkpoint, as JSON or multipart.
+
+JSON: `{"model", "input": [base64 image, ...], "layer", "normalize", "encoding_format"}`;
+multipart: `files` parts with the images plus those fields as form fields. `model` is a
+checkpoint id, or a job id meaning its latest available checkpoint (final, else the
+highest step). The answer is `{"object": "list", "model": <checkpoint id>, "dim", "data":
+[{"index", "embedding"}]}`, rows in input order. The work is in `api.embedding_service`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+
+from api.db import get_sessionmaker
+from api.deps import SettingsDep, TenantDep
+from api.embedding_service import (
+    EmbeddingService,
+    EncodingFormat,
+    Layer,
+    ResolvedModel,
+    resolve_model,
+)
+from api.errors import ApiError, validation_error
+from api.settings import Settings
+
+router = APIRouter(tags=["embeddings"])
+
+# Multipart framing and the small form fields, on top of the images themselves.
+BODY_OVERHEAD = 64 * 1024
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        min_length=1, max_length=100, description="A checkpoint id, or a job id (its latest)."
+    )
+    input: list[str] = Field(
+        min_length=1,
+        description="Base64 images (JPEG, PNG, WEBP, BMP or GIF), or one as a string; "
+        "data: URLs are accepted.",
+    )
+    layer: Layer = Field(
+        "backbone", description="backbone: pooled features; projection: the head's output z."
+    )
+    normalize: bool = Field(True, description="L2-normalise each embedding.")
+    encoding_format: EncodingFormat = Field(
+        "float", description="float: numbers; base64: little-endian float32 bytes, base64."
+    )
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_image(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class MultipartFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=100)
+    layer: Layer = "backbone"
+    normalize: bool = True
+    encoding_format: EncodingFormat = "float"
+
+
+class EmbeddingPublic(BaseModel):
+    index: int
+    embedding: list[float] | str = Field(
+        description="Numbers, or with encoding_format base64 the float32 bytes in base64."
+    )
+
+
+class EmbeddingsPublic(BaseModel):
+    object: Literal["list"] = "list"
+    model: str = Field(description="The checkpoint id that computed the embeddings.")
+    dim: int
+    data: list[EmbeddingPublic]
+
+
+class EmbeddingStats(BaseModel):
+    model_calls: int = Field(description="Forward passes since the API started.")
+    items: int
+    requests: int
+    loads: int
+    evictions: int
+    overloaded: int
+    queued_items: int
+    cached_models: int
+    cached_bytes: int
+    device: str | None
+
+
+_IMAGE = {"type": "string", "format": "binary"}
+EMBEDDINGS_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": EmbeddingRequest.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model", "files"],
+                    "properties": {
+                        "model": {"type": "string"},
+                        "files": {"type": "array", "items": _IMAGE},
+                        "layer": {"type": "string", "enum": ["backbone", "projection"]},
+                        "normalize": {"type": "boolean", "default": True},
+                        "encoding_format": {
+                            "type": "string", "enum": ["float", "base64"], "default": "float"
+                        },
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+def get_service(request: Request) -> EmbeddingService:
+    """The API process's embedding service, made on first use."""
+    service: EmbeddingService | None = getattr(request.app.state, "embedding_service", None)
+    if service is None:
+        from api.settings import get_settings
+
+        service = EmbeddingService(get_settings())
+        request.app.state.embedding_service = service
+    return service
+
+
+def body_cap(settings: Settings, base64: bool) -> int:
+    per_image = settings.max_image_bytes * 4 // 3 + 4 if base64 else settings.max_image_bytes
+    return settings.max_embedding_items * per_image + BODY_OVERHEAD
+
+
+def _payload_too_large(cap: int) -> ApiError:
+    return ApiError(
+        413,
+        "payload_too_large",
+        f"the request body is over {cap} bytes; send fewer or smaller images",
+    )
+
+
+async def capped_stream(request: Request, cap: int) -> AsyncGenerator[bytes, None]:
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > cap:
+        raise _payload_too_large(cap)
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > cap:
+                raise _payload_too_large(cap)
+            yield chunk
+    except ClientDisconnect as exc:
+        raise ApiError(400, "client_disconnected", "the request was interrupted") from exc
+
+
+def _too_many(count: int, limit: int, param: str) -> ApiError:
+    return ApiError(
+        413,
+        "too_many_inputs",
+        f"{param}: {count} images; at most {limit} per request (split the request)",
+        param,
+    )
+
+
+async def read_json(request: Request, settings: Settings) -> tuple[MultipartFields, list[str]]:
+    body = b"".join([chunk async for chunk in capped_stream(request, body_cap(settings, True))])
+    try:
+        parsed = EmbeddingRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from None
+    inputs = parsed.input
+    if len(inputs) > settings.max_embedding_items:
+        raise _too_many(len(inputs), settings.max_embedding_items, "input")
+    fields = MultipartFields.model_validate(parsed.model_dump(exclude={"input"}))
+    return fields, inputs
+
+
+async def read_multipart(
+    request: Request, settings: Settings
+) -> tuple[MultipartFields, list[bytes]]:
+    parser = MultiPartParser(
+        request.headers,
+        capped_stream(request, body_cap(settings, False)),
+        max_files=10_000,  # the body cap bounds them; the count is checked below
+        max_fields=20,
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise ApiError(
+            400, "invalid_multipart", f"the multipart body is malformed: {exc.message}"
+        ) from None
+    try:
+        values: dict[str, Any] = {}
+        files: list[UploadFile] = []
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key != "files":
+                    raise ApiError(
+                        422, "invalid_request", f"{key}: images go in `files` parts", key
+                    )
+                files.append(value)
+            elif key == "files":
+                raise ApiError(422, "invalid_request", "files: must be file parts", "files")
+            else:
+                values[key] = value
+        try:
+            fields = MultipartFields.model_validate(values)
+        except ValidationError as exc:
+            raise validation_error(exc.errors()) from None
+        if not files:
+            raise ApiError(
+                422, "invalid_request", "files: at least one `files` part is required", "files"
+            )
+        if len(files) > settings.max_embedding_items:
+            raise _too_many(len(files), settings.max_embedding_items, "files")
+        limit = settings.max_image_bytes
+        payloads = []
+        for index, file in enumerate(files):
+            data = await file.read(limit + 1)
+            if len(data) > limit:
+                param = f"files.{index}"
+                raise ApiError(
+                    413, "image_too_large", f"{param}: over the {limit}-byte limit", param
+                )
+            payloads.append(data)
+        return fields, payloads
+    finally:
+        await form.close()
+
+
+def _resolve(settings: Settings, tenant: str, model: str) -> ResolvedModel:
+    with get_sessionmaker()() as session:  # a short session: not held while embedding
+        return resolve_model(session, settings, tenant, model)
+
+
+@router.post(
+    "/v1/embeddings",
+    response_model=EmbeddingsPublic,
+    openapi_extra=EMBEDDINGS_BODY,
+    responses={
+        400: {"description": "An image does not decode or is not an allowed format."},
+        404: {"description": "No checkpoint or job with that id (`model_not_found`)."},
+        409: {"description": "The job has no checkpoint yet (`model_not_ready`)."},
+        410: {"description": "The checkpoint was pruned (`checkpoint_gone`)."},
+        413: {"description": "Too many images, or one too large (bytes or pixels)."},
+        415: {"description": "Neither JSON nor multipart/form-data."},
+        503: {"description": "The model's queue is full (`overloaded`); see Retry-After."},
+    },
+)
+async def create_embeddings(
+    request: Request, settings: SettingsDep, tenant: TenantDep
+) -> Response:
+    """Embed up to `SWAV_MAX_EMBEDDING_ITEMS` images with a checkpoint's model (its
+    preprocessing: resize and centre-crop to the checkpoint's first crop size). Concurrent
+    requests for the same model and layer share forward passes (micro-batching)."""
+    mime = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    payloads: list[str] | list[bytes]
+    if mime == "multipart/form-data":
+        fields, payloads = await read_multipart(request, settings)
+        field_name = "files"
+    elif mime in ("application/json", ""):
+        fields, payloads = await read_json(request, settings)
+        field_name = "input"
+    else:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "send application/json (base64 `input`) or multipart/form-data (`files` parts)",
+        )
+    resolved = await run_in_threadpool(_resolve, settings, tenant, fields.model)
+    body = await get_service(request).embed(
+        resolved, payloads, field_name, fields.layer, fields.normalize, fields.encoding_format
+    )
+    # Rendered in the thread pool: thousands of floats are slow to validate and to dump.
+    return Response(body, media_type="application/json")
+
+
+@router.get("/v1/embeddings/stats", response_model=EmbeddingStats)
+async def embedding_stats(request: Request) -> EmbeddingStats:
+    """Counters of this API process (forward passes, images, cache): for monitoring."""
+    return EmbeddingStats.model_validate(get_service(request).stats_dict())
