@@ -126,7 +126,32 @@ def test_end_to_end_embedded(embedded_service: Service, shapes_dir: Path) -> Non
         dataset = upload_ready_dataset(client, embedded_service, shapes_dir)
         job = run_to_success(client, embedded_service, dataset["id"])
         check_events_and_checkpoints(client, job["id"])
+        check_archives_without_images(client, embedded_service)
     assert (embedded_service.data_dir / "swav.db").exists()
+
+
+def check_archives_without_images(client: httpx.Client, service: Service) -> None:
+    """An archive of non-images, and one with escaping members, end `failed` with reasons."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("notes/readme.jpg", "a text file named .jpg")
+        archive.writestr("empty.png", b"")
+        archive.writestr("../escape.png", b"x")
+    response = client.post("/v1/datasets", files={"file": ("junk.zip", buffer.getvalue(),
+                                                           "application/zip")})
+    assert response.status_code == 202
+    dataset_id = response.json()["id"]
+
+    def settled() -> dict | None:
+        body = client.get(f"/v1/datasets/{dataset_id}").json()
+        return body if body["status"] != "validating" else None
+
+    body = wait_for(settled, 60, "dataset validated", service)
+    assert body["status"] == "failed"
+    assert body["error"]["code"] == "invalid_data"
+    assert "no readable image" in body["error"]["message"]
+    assert not (service.data_dir.parent / "escape.png").exists()
+    assert not any(service.data_dir.rglob("escape.png"))
 
 
 def test_cancel_then_resume_continues(pg_service: Service, shapes_dir: Path) -> None:
