@@ -19,12 +19,13 @@ def broker_options(settings: Settings) -> dict[str, object]:
     if settings.broker_url is not None:
         return {"visibility_timeout": 12 * 3600}
     folder = settings.broker_folder
-    for sub in ("queue", "processed"):
+    for sub in ("queue", "processed", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     return {
         "data_folder_in": str(folder / "queue"),
         "data_folder_out": str(folder / "queue"),
         "processed_folder": str(folder / "processed"),
+        "control_folder": str(folder / "control"),
         "store_processed": False,
     }
 
