@@ -2,10 +2,12 @@
 per-model micro-batching.
 
 A request goes: resolve `model` (a checkpoint id, or a job id meaning that job's latest
-available checkpoint) in the database -> decode its images (Pillow, allow-listed formats,
-size and pixel caps) -> fetch the model from an LRU cache bounded by count and by bytes of
-parameters (loading it once, however many requests ask at the same time) -> preprocess at
-the checkpoint's `size_crops[0]` -> hand the batch to the model's `Batcher` for its layer.
+available checkpoint) in the database, the answer reused for `embed_resolve_ttl_s` ->
+fetch the model from an LRU cache bounded by count and by bytes of parameters (loaded
+once, however many requests ask at the same time, on cuda when available) -> decode the
+images (Pillow, allow-listed formats, byte and pixel caps) and preprocess them at the
+checkpoint's `size_crops[0]`, in slices on several pool threads -> hand them to the
+model's `Batcher` for the layer -> render the JSON answer.
 
 A `Batcher` gathers the batches of concurrent requests for up to `embed_batch_window_ms`
 (or until `embed_max_batch` images wait), runs ONE forward pass for all of them on the
@@ -16,7 +18,7 @@ never split, so a batch may exceed the cap when one request alone does. At most
 normalising each request's rows afterwards is the same row-wise operation.
 
 Decoding and preprocessing run in the request thread pool, forwards on one dedicated
-thread (one device, one pass at a time), so the event loop never computes. This module
+thread (one device, one pass at a time); the event loop renders only small answers. This module
 imports torch only inside functions: importing it (the API does at startup) stays cheap.
 """
 
@@ -63,6 +65,7 @@ Layer = Literal["backbone", "projection"]
 # What Pillow reports for the allowed formats (MPO: the multi-picture JPEGs cameras write).
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF"})
 RETRY_AFTER_S = 1
+INLINE_RENDER_VALUES = 4096  # smaller answers are rendered on the event loop
 
 
 # --------------------------------------------------------------------------- resolution
@@ -278,34 +281,55 @@ def render(
     """The response body: `{"object": "list", "model", "dim", "data": [{"index", "embedding"}]}`.
 
     `embedding` is a list of numbers, or with encoding "base64" the row's little-endian
-    float32 bytes in base64 (as OpenAI's API does: ~10x smaller and faster to parse).
+    float32 bytes in base64 (as OpenAI's API does: smaller and faster to parse). Numbers
+    are written with 9 significant digits, which give back the exact float32 value (and
+    take half the time and space of Python's 17-digit repr of the widened double).
     """
+    import torch
     import torch.nn.functional as F
 
     if normalize:
         features = F.normalize(features, dim=1)
-    rows: list[Any]
     if encoding == "base64":
         array = features.numpy().astype("<f4")
-        rows = [base64.b64encode(row.tobytes()).decode() for row in array]
-    else:
-        rows = features.tolist()
-    body = {
-        "object": "list",
-        "model": checkpoint_id,
-        "dim": int(features.shape[1]),
-        "data": [{"index": i, "embedding": row} for i, row in enumerate(rows)],
-    }
-    return json.dumps(body, separators=(",", ":")).encode()
+        rows = ['"' + base64.b64encode(row.tobytes()).decode() + '"' for row in array]
+    elif bool(torch.isfinite(features).all()):
+        rows = ["[" + ",".join(map(_FLOAT32.format, row)) + "]" for row in features.tolist()]
+    else:  # NaN/Infinity, spelt as Python's json module does
+        rows = [json.dumps(row) for row in features.tolist()]
+    head = json.dumps({"object": "list", "model": checkpoint_id, "dim": int(features.shape[1])})
+    data = ",".join(f'{{"index":{i},"embedding":{row}}}' for i, row in enumerate(rows))
+    return f'{head[:-1]},"data":[{data}]}}'.encode()
+
+
+_FLOAT32 = "{:.9g}"
 
 
 def prepare(
     payloads: Sequence[str | bytes], field_name: str, settings: Settings, offset: int, size: int
 ) -> torch.Tensor:
-    """Decode (see `decode_images`), then `swav_core.embed.preprocess` at `size`."""
-    from swav_core.embed import preprocess
+    """Decode (see `decode_images`), then preprocess as `swav_core.embed.preprocess` does.
 
-    return preprocess(decode_images(payloads, field_name, settings, offset), size)
+    The same `eval_transform(size)`, applied to each group of same-sized images at once
+    (one stacked uint8 batch): the same values, without the per-image overhead.
+    """
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+
+    from swav_core.multicrop import eval_transform
+
+    images = decode_images(payloads, field_name, settings, offset)
+    transform = eval_transform(size)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(image.size, []).append(index)
+    rows: list[torch.Tensor] = [torch.empty(0)] * len(images)
+    for indices in groups.values():
+        pixels = torch.stack([TF.pil_to_tensor(images[i]) for i in indices])
+        batch = transform(pixels).as_subclass(torch.Tensor)
+        for row, index in zip(batch, indices, strict=True):
+            rows[index] = row
+    return torch.stack(rows)
 
 
 class Overloaded(Exception):
@@ -467,6 +491,32 @@ class EmbeddingService:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-forward")
         self._device: str | None = None
         self._prepare_threads = max(1, min(4, os.cpu_count() or 1))
+        self._resolved: dict[tuple[str, str], tuple[float, ResolvedModel]] = {}
+
+    async def resolve(self, tenant: str, identifier: str) -> ResolvedModel:
+        """`resolve_model` in a short session, remembered for `embed_resolve_ttl_s`.
+
+        Within that time a job id keeps naming the checkpoint it resolved to, even if the
+        job writes a newer one; errors are never remembered.
+        """
+        loop = asyncio.get_running_loop()
+        key = (tenant, identifier)
+        cached = self._resolved.get(key)
+        if cached is not None and cached[0] > loop.time():
+            return cached[1]
+        resolved = await run_in_threadpool(self._resolve, tenant, identifier)
+        ttl = self.settings.embed_resolve_ttl_s
+        if ttl > 0:
+            if len(self._resolved) >= 10_000:
+                self._resolved.clear()
+            self._resolved[key] = (loop.time() + ttl, resolved)
+        return resolved
+
+    def _resolve(self, tenant: str, identifier: str) -> ResolvedModel:
+        from api.db import get_sessionmaker
+
+        with get_sessionmaker()() as session:  # short: not held while embedding
+            return resolve_model(session, self.settings, tenant, identifier)
 
     @property
     def device(self) -> str:
@@ -528,7 +578,9 @@ class EmbeddingService:
     ) -> bytes:
         """The JSON response body (see `render`); ApiError for bad images, a failed load or
         a full queue."""
-        device = await run_in_threadpool(lambda: self.device)
+        device = self._device
+        if device is None:
+            device = await run_in_threadpool(lambda: self.device)
         try:
             entry = await self.cache.get(
                 resolved.checkpoint_id,
@@ -557,6 +609,8 @@ class EmbeddingService:
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             ) from None
         self.stats.requests += 1
+        if features.numel() <= INLINE_RENDER_VALUES:  # cheaper than a thread hop
+            return render(resolved.checkpoint_id, features, normalize, encoding)
         return await run_in_threadpool(
             render, resolved.checkpoint_id, features, normalize, encoding
         )

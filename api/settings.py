@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     embed_max_queue_items: int = Field(512, description="Images waiting per model (503).")
     embed_device: str | None = Field(None, description="Default: cuda if available, else cpu.")
     embed_torch_threads: int = Field(0, description="torch intra-op threads; 0: torch default.")
+    embed_resolve_ttl_s: float = Field(2.0, description="How long a model id's lookup is reused.")
 
     @property
     def resolved_database_url(self) -> str:

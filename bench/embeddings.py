@@ -6,12 +6,14 @@ rows, then starts `swav-service api` (a subprocess) and measures:
 
 1. Serving overhead: sequential requests of 32 base64 JPEGs against the bare forward
    (`embed` on the same checkpoint, preprocessed batch of 32) in this process. Both
-   processes use --threads torch threads, and never run at the same time.
+   processes use --threads torch threads, and never run at the same time (they alternate,
+   --rounds times; the median ratio is reported). Responses as numbers and as base64.
    Goal: endpoint images/s >= 0.8 x bare images/s.
 2. Micro-batching: --clients concurrent clients each sending single-image requests for
    --seconds, with batching on (default settings) and off (a fresh API with
    SWAV_EMBED_BATCH_WINDOW_MS=0 and SWAV_EMBED_MAX_BATCH=1): requests/s, p50/p99.
-   Goal: on/off >= 3x.
+   Goal: on/off >= 3x. The bare forward's images/s at batch 32 over batch 1 is printed
+   too: on a CPU it bounds what batching can gain (on a GPU, batch 1 is launch-bound).
 
     .venv/bin/python bench/embeddings.py [--threads 2] [--seconds 12] [--clients 32]
 """
@@ -135,35 +137,74 @@ class Api:
         self._log.close()
 
 
-def post(http: httpx.Client, model: str, inputs: list[str]) -> dict[str, Any]:
-    response = http.post("/v1/embeddings", json={"model": model, "input": inputs})
+def post(http: httpx.Client, model: str, inputs: list[str], **extra: Any) -> dict[str, Any]:
+    response = http.post("/v1/embeddings", json={"model": model, "input": inputs, **extra})
     if response.status_code != 200:
         raise RuntimeError(f"{response.status_code}: {response.text}")
     return dict(response.json())
 
 
-def bare_forward(path: Path, images: list[bytes], iterations: int) -> tuple[float, torch.Tensor]:
-    """Images/s of `embed` on a preprocessed batch of 32 in this process; its output."""
-    model, config = load_model(path)
-    pil = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
-    batch = preprocess(pil, config.size_crops[0])
-    out = embed(model, batch)
-    embed(model, batch)
-    start = time.perf_counter()
-    for _ in range(iterations):
-        embed(model, batch)
-    return iterations * len(batch) / (time.perf_counter() - start), out
+class Bare:
+    """The same checkpoint's model in this process, on a preprocessed batch of 32."""
 
+    def __init__(self, path: Path, images: list[bytes]) -> None:
+        self.model, config = load_model(path)
+        pil = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+        self.batch = preprocess(pil, config.size_crops[0])
+        self.output = embed(self.model, self.batch)
 
-def endpoint_batch(base: str, model: str, inputs: list[str], iterations: int) -> tuple[float, Any]:
-    with httpx.Client(base_url=base, timeout=120) as http:
-        body = post(http, model, inputs)
-        post(http, model, inputs)
+    def rate(self, iterations: int, batch_size: int = BATCH) -> float:
+        batch = self.batch[:batch_size]
         start = time.perf_counter()
         for _ in range(iterations):
-            post(http, model, inputs)
-        rate = iterations * len(inputs) / (time.perf_counter() - start)
-    return rate, body
+            embed(self.model, batch)
+        return iterations * len(batch) / (time.perf_counter() - start)
+
+
+def endpoint_rate(
+    http: httpx.Client, model: str, inputs: list[str], iterations: int, encoding: str
+) -> tuple[float, float]:
+    """(images/s of sequential requests, share of that time the server spent in forwards)."""
+    before = http.get("/v1/embeddings/stats").json()["forward_s"]
+    start = time.perf_counter()
+    for _ in range(iterations):
+        post(http, model, inputs, encoding_format=encoding)
+    elapsed = time.perf_counter() - start
+    forward = http.get("/v1/embeddings/stats").json()["forward_s"] - before
+    return iterations * len(inputs) / elapsed, forward / elapsed
+
+
+def serving_overhead(
+    base: str, model: str, inputs: list[str], bare: Bare, rounds: int, iterations: int
+) -> None:
+    """Bare and endpoint measured in alternation, `rounds` times; median ratios printed.
+
+    Alternating makes the ratio robust to other load on the machine that comes and goes.
+    """
+    with httpx.Client(base_url=base, timeout=120) as http:
+        body = post(http, model, inputs)
+        post(http, model, inputs, encoding_format="base64")
+        got = torch.tensor([row["embedding"] for row in body["data"]])
+        error = (got - bare.output).abs().max().item()
+        bare.rate(1)
+        results: dict[str, list[float]] = {"bare": [], "float": [], "base64": [], "share": []}
+        for _ in range(rounds):
+            results["bare"].append(bare.rate(iterations))
+            for encoding in ("float", "base64"):
+                rate, share = endpoint_rate(http, model, inputs, iterations, encoding)
+                results[encoding].append(rate)
+                results["share"].append(share)
+    median = statistics.median
+    bare_rate = median(results["bare"])
+    print(f"serving overhead at batch {BATCH} (sequential requests, median of {rounds} "
+          f"alternating rounds):")
+    print(f"  bare forward        {bare_rate:7.1f} images/s")
+    for encoding in ("float", "base64"):
+        ratios = [e / b for e, b in zip(results[encoding], results["bare"], strict=True)]
+        print(f"  endpoint ({encoding:6s})   {median(results[encoding]):7.1f} images/s; ratio "
+              f"{median(ratios):.2f} (goal >= 0.8)")
+    print(f"  server time in the forward: {median(results['share']):.0%} of request time; "
+          f"max |endpoint - bare| {error:.1e}")
 
 
 def concurrent_singles(
@@ -224,7 +265,8 @@ def describe(name: str, rate: float, latencies: list[float], errors: int,
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
-    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=12)
     parser.add_argument("--clients", type=int, default=32)
     args = parser.parse_args()
@@ -242,15 +284,10 @@ def main() -> None:
         print(f"resnet18 @ 96 px, batch {BATCH}, {args.threads} torch threads in both processes, "
               f"{os.cpu_count()} CPUs, device cpu")
 
-        bare, reference = bare_forward(path, images, args.iterations)
+        bare = Bare(path, images)
         api = Api(env, data_dir / "api-batching.log")
         try:
-            served, body = endpoint_batch(api.base, model, inputs, args.iterations)
-            got = torch.tensor([row["embedding"] for row in body["data"]])
-            error = (got - reference).abs().max().item()
-            print("serving overhead at batch 32 (sequential requests):")
-            print(f"  bare forward {bare:7.1f} images/s; endpoint {served:7.1f} images/s; "
-                  f"ratio {served / bare:.2f} (goal >= 0.8); max |diff| {error:.1e}")
+            serving_overhead(api.base, model, inputs, bare, args.rounds, args.iterations)
             on = concurrent_singles(api.base, model, inputs, args.clients, args.seconds)
         finally:
             api.stop()
@@ -260,7 +297,10 @@ def main() -> None:
             off = concurrent_singles(api.base, model, inputs, args.clients, args.seconds)
         finally:
             api.stop()
-        print(f"{args.clients} concurrent single-image clients, {args.seconds:.0f} s each:")
+        single, full = bare.rate(20, batch_size=1), bare.rate(args.iterations)
+        print(f"{args.clients} concurrent single-image clients, {args.seconds:.0f} s each "
+              f"(compute-only ceiling of the gain: bare forward {full:.0f} images/s at batch "
+              f"{BATCH} / {single:.0f} at batch 1 = {full / single:.1f}x):")
         print(describe("micro-batching on ", *on))
         print(describe("micro-batching off", *off))
         print(f"  ratio {on[0] / off[0]:.2f}x (goal >= 3x); total {time.monotonic() - began:.0f} s")

@@ -15,20 +15,12 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from api.db import get_sessionmaker
 from api.deps import SettingsDep, TenantDep
-from api.embedding_service import (
-    EmbeddingService,
-    EncodingFormat,
-    Layer,
-    ResolvedModel,
-    resolve_model,
-)
+from api.embedding_service import EmbeddingService, EncodingFormat, Layer
 from api.errors import ApiError, validation_error
 from api.settings import Settings
 
@@ -88,6 +80,7 @@ class EmbeddingsPublic(BaseModel):
 
 class EmbeddingStats(BaseModel):
     model_calls: int = Field(description="Forward passes since the API started.")
+    forward_s: float = Field(description="Seconds spent in them.")
     items: int
     requests: int
     loads: int
@@ -240,11 +233,6 @@ async def read_multipart(
         await form.close()
 
 
-def _resolve(settings: Settings, tenant: str, model: str) -> ResolvedModel:
-    with get_sessionmaker()() as session:  # a short session: not held while embedding
-        return resolve_model(session, settings, tenant, model)
-
-
 @router.post(
     "/v1/embeddings",
     response_model=EmbeddingsPublic,
@@ -279,8 +267,9 @@ async def create_embeddings(
             "unsupported_media_type",
             "send application/json (base64 `input`) or multipart/form-data (`files` parts)",
         )
-    resolved = await run_in_threadpool(_resolve, settings, tenant, fields.model)
-    body = await get_service(request).embed(
+    service = get_service(request)
+    resolved = await service.resolve(tenant, fields.model)
+    body = await service.embed(
         resolved, payloads, field_name, fields.layer, fields.normalize, fields.encoding_format
     )
     # Rendered in the thread pool: thousands of floats are slow to validate and to dump.
