@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api.errors import register_error_handlers
-from api.routes import checkpoints, datasets, embeddings, health, jobs
+from api.routes import checkpoints, datasets, embedding_jobs, embeddings, health, jobs
 
 DESCRIPTION = """SwAV self-supervised pretraining as a service.
 
@@ -28,5 +28,6 @@ def create_app() -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(checkpoints.router)
     app.include_router(embeddings.router)
+    app.include_router(embedding_jobs.router)
     register_error_handlers(app)
     return app

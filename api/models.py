@@ -126,6 +126,39 @@ class Checkpoint(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     available: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # {"knn_top1", "linear_top1", "n_train", "n_val"} on the job's dataset (labelled only).
+    quality: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+EMBEDDING_JOB_STATUSES = ("queued", "running", "succeeded", "failed")
+
+
+class EmbeddingJob(Base):
+    """A batch embedding of a whole dataset with one checkpoint (short-queue task)."""
+
+    __tablename__ = "embedding_jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(100), index=True)
+    job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    checkpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("checkpoints.id", ondelete="CASCADE"), index=True
+    )
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
+    layer: Mapped[str] = mapped_column(String(20))
+    normalize: Mapped[bool] = mapped_column(Boolean, default=True)
+    status: Mapped[str] = mapped_column(String(20))
+    num_rows: Mapped[int | None] = mapped_column(Integer)
+    error_code: Mapped[str | None] = mapped_column(String(50))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    path: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class IdempotencyRecord(Base):

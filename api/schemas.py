@@ -7,11 +7,11 @@ not by whatever columns a model happens to have (leases, tenants and paths stay 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.models import Checkpoint, Dataset, Job, JobEvent
+from api.models import Checkpoint, Dataset, EmbeddingJob, Job, JobEvent
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -182,6 +182,11 @@ class CheckpointPublic(PublicModel):
     size_bytes: int
     sha256: str
     metrics: dict[str, Any] | None
+    quality: dict[str, Any] | None = Field(
+        None,
+        description="knn_top1, linear_top1 (in [0, 1]), n_train, n_val of the backbone on "
+        "the job's labelled dataset; null until evaluated, or when the dataset has no classes.",
+    )
     created_at: datetime
 
     @classmethod
@@ -196,6 +201,7 @@ class CheckpointPublic(PublicModel):
             size_bytes=row.size_bytes,
             sha256=row.sha256,
             metrics=row.metrics,
+            quality=row.quality,
             created_at=row.created_at,
         )
 
@@ -203,6 +209,59 @@ class CheckpointPublic(PublicModel):
 class CheckpointsPublic(BaseModel):
     data: list[CheckpointPublic]
     next_cursor: str | None
+
+
+# --------------------------------------------------------------------------- embedding jobs
+
+
+class EmbeddingJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str | None = Field(
+        None, max_length=40, description="Default: the dataset the job trained on."
+    )
+    checkpoint_id: str | None = Field(
+        None,
+        max_length=40,
+        description="A checkpoint of this job; default: its latest available one (final "
+        "preferred, else the highest step).",
+    )
+    layer: Literal["backbone", "projection"] = Field(
+        "backbone", description="backbone: pooled features; projection: the head's output z."
+    )
+    normalize: bool = Field(True, description="L2-normalise each row.")
+
+
+class EmbeddingJobPublic(PublicModel):
+    id: str
+    job_id: str | None
+    checkpoint_id: str
+    dataset_id: str
+    layer: str
+    normalize: bool
+    status: str = Field(description="queued, running, succeeded or failed.")
+    num_rows: int | None = Field(None, description="Rows of the matrix once succeeded.")
+    error: ErrorInfo | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: EmbeddingJob) -> EmbeddingJobPublic:
+        return cls(
+            id=row.id,
+            job_id=row.job_id,
+            checkpoint_id=row.checkpoint_id,
+            dataset_id=row.dataset_id,
+            layer=row.layer,
+            normalize=row.normalize,
+            status=row.status,
+            num_rows=row.num_rows,
+            error=ErrorInfo.of(row.error_code, row.error_message),
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            finished_at=row.finished_at,
+        )
 
 
 # --------------------------------------------------------------------------- health

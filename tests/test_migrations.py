@@ -21,7 +21,9 @@ from api.db import make_engine
 from api.models import Base
 from tests.conftest import BIN, ROOT, create_database, drop_database, service_env
 
-TABLES = {"datasets", "jobs", "job_events", "checkpoints", "idempotency_keys"}
+TABLES = {
+    "datasets", "jobs", "job_events", "checkpoints", "idempotency_keys", "embedding_jobs"
+}
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])

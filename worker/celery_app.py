@@ -1,8 +1,8 @@
 """The Celery app. The broker only says "look at job X"; the database holds the state.
 
-Two queues: `short` (dataset ingestion, batch embedding) and `train`, served by separate
-worker processes so that a short task never waits behind a training run. Training
-workers take one task at a time (prefetch 1, acks late).
+Two queues: `short` (dataset ingestion, batch embedding, checkpoint evaluation) and
+`train`, served by separate worker processes so that a short task never waits behind a
+training run. Training workers take one task at a time (prefetch 1, acks late).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from api.settings import Settings, get_settings
 
 INGEST_TASK = "worker.tasks.ingest_dataset"
 TRAIN_TASK = "worker.tasks.run_job"
+EMBED_TASK = "worker.tasks.embed_dataset"
+EVAL_TASK = "worker.tasks.evaluate_checkpoint"
 
 
 def broker_options(settings: Settings) -> dict[str, object]:
@@ -45,6 +47,8 @@ def create_celery(settings: Settings | None = None) -> Celery:
         task_routes={
             INGEST_TASK: {"queue": settings.short_queue},
             TRAIN_TASK: {"queue": settings.train_queue},
+            EMBED_TASK: {"queue": settings.short_queue},
+            EVAL_TASK: {"queue": settings.short_queue},
         },
         worker_hijack_root_logger=False,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.celery_app import INGEST_TASK, TRAIN_TASK, app
+from worker.celery_app import EMBED_TASK, EVAL_TASK, INGEST_TASK, TRAIN_TASK, app
 
 
 def enqueue_ingest(dataset_id: str) -> None:
@@ -11,3 +11,11 @@ def enqueue_ingest(dataset_id: str) -> None:
 
 def enqueue_job(job_id: str) -> None:
     app.send_task(TRAIN_TASK, args=[job_id])
+
+
+def enqueue_embedding(embedding_job_id: str) -> None:
+    app.send_task(EMBED_TASK, args=[embedding_job_id])
+
+
+def enqueue_evaluation(checkpoint_id: str) -> None:
+    app.send_task(EVAL_TASK, args=[checkpoint_id])

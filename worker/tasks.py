@@ -2,7 +2,11 @@
 
 `ingest_dataset` extracts and validates an upload (short queue). `run_job` claims a
 queued job with a compare-and-set, runs the trainer in a child process, relays its
-events into the database, and records how it ended (train queue).
+events into the database, and records how it ended (train queue). `embed_dataset`
+embeds a whole dataset with one checkpoint, and `evaluate_checkpoint` stores a
+checkpoint's quality report (kNN / linear probe on the labelled dataset); both run on
+the short queue, and the relay enqueues the latter for every checkpoint of a job whose
+dataset has classes, so training never waits for an evaluation.
 """
 
 from __future__ import annotations
@@ -17,20 +21,21 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import update
 
 from api.db import session_scope
-from api.models import Checkpoint, Dataset, Job, new_id, utcnow
+from api.models import Checkpoint, Dataset, EmbeddingJob, Job, new_id, utcnow
 from api.settings import Settings, get_settings
 from api.store import append_event, change_status
 from swav_core.data import scan_image_folder
-from swav_core.errors import DataError
+from swav_core.errors import DataError, SwavError
 from worker.archive import ArchiveLimits, extract_archive
-from worker.celery_app import INGEST_TASK, TRAIN_TASK, app
+from worker.celery_app import EMBED_TASK, EVAL_TASK, INGEST_TASK, TRAIN_TASK, app
+from worker.dispatch import enqueue_evaluation
 
 log = logging.getLogger(__name__)
 MAX_REPORTED_SKIPS = 1000
@@ -116,6 +121,8 @@ class Relay:
     offset: int = 0
     last_metrics_at: float = 0.0
     pending_metrics: dict[str, Any] | None = None
+    to_evaluate: list[str] = field(default_factory=list)
+    labelled: bool | None = None
 
     def start_at_end(self) -> None:
         path = self.run_dir / "events.jsonl"
@@ -134,6 +141,7 @@ class Relay:
                 with session_scope() as session:
                     for event in events:
                         self._apply(session, event)
+                self._enqueue_evaluations()
         if self.pending_metrics and (
             flush or time.monotonic() - self.last_metrics_at >= self.settings.events_metrics_every_s
         ):
@@ -171,9 +179,10 @@ class Relay:
             )
         elif kind == "checkpoint":
             path = Path(event["path"]).resolve().relative_to(self.settings.artifacts)
+            checkpoint_id = new_id("ckpt")
             session.add(
                 Checkpoint(
-                    id=new_id("ckpt"),
+                    id=checkpoint_id,
                     job_id=self.job_id,
                     step=event["step"],
                     epoch=event["epoch"],
@@ -185,9 +194,30 @@ class Relay:
                 )
             )
             session.flush()
+            if self._labelled(session):
+                self.to_evaluate.append(checkpoint_id)
             self._mark_pruned(session)
             event = {**event, "path": str(path)}
         append_event(session, self.job_id, kind, event)
+
+    def _labelled(self, session: Any) -> bool:
+        """Whether the job's dataset has classes (checked once): only then is a quality
+        report possible."""
+        if self.labelled is None:
+            job = session.get(Job, self.job_id)
+            dataset = session.get(Dataset, job.dataset_id) if job is not None else None
+            self.labelled = bool(dataset is not None and dataset.classes)
+        return self.labelled
+
+    def _enqueue_evaluations(self) -> None:
+        """After the commit, so the task finds the rows; a broker error loses only a report
+        (it can be requested again with POST /v1/checkpoints/{id}/evaluate)."""
+        pending, self.to_evaluate = self.to_evaluate, []
+        for checkpoint_id in pending:
+            try:
+                enqueue_evaluation(checkpoint_id)
+            except Exception:
+                log.warning("could not enqueue the evaluation of %s", checkpoint_id, exc_info=True)
 
     def _record_checkpoint(self, session: Any, event: dict[str, Any], path: str) -> None:
         """One row per (step, final); a file written again at the same step (a resumed
@@ -313,3 +343,146 @@ def _finish(job_id: str, run_dir: Path, returncode: int, seconds: float, cancell
                 error_message=f"the training process exited with code {returncode} "
                 "without a result; see train.log",
             )
+
+
+# --------------------------------------------------------------------------- embeddings
+
+EMBED_CHUNK = 256
+EMBEDDINGS_FILE = "embeddings.npy"
+INDEX_FILE = "index.json"
+
+
+def embeddings_dir(settings: Settings, embedding_job_id: str) -> Path:
+    return settings.artifacts / "embeddings" / embedding_job_id
+
+
+def _finish_embedding(embedding_job_id: str, status: str, **values: Any) -> None:
+    with session_scope() as session:
+        session.execute(
+            update(EmbeddingJob)
+            .where(EmbeddingJob.id == embedding_job_id, EmbeddingJob.status == "running")
+            .values(status=status, finished_at=utcnow(), updated_at=utcnow(), **values)
+        )
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temp.open("wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def compute_embeddings(
+    checkpoint: Path, images_dir: Path, layer: Any, normalize: bool
+) -> tuple[Any, list[str]]:
+    """(N x D float32 array, the N relative paths) for every valid image under `images_dir`,
+    in `scan_image_folder(images_dir).files` order (sorted relative POSIX paths)."""
+    import numpy as np
+    import torch
+
+    from swav_core.checkpoint import load_model
+    from swav_core.data import load_rgb
+    from swav_core.embed import embed
+
+    model, config = load_model(checkpoint)
+    scan = scan_image_folder(images_dir)
+    files = list(scan.files)
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(files), EMBED_CHUNK):
+            images = [load_rgb(images_dir / name) for name in files[start : start + EMBED_CHUNK]]
+            rows = embed(model, images, layer, normalize, batch_size=EMBED_CHUNK,
+                         size=config.size_crops[0])
+            chunks.append(rows.cpu().numpy().astype(np.float32))
+    return np.concatenate(chunks), files
+
+
+@app.task(name=EMBED_TASK)
+def embed_dataset(embedding_job_id: str) -> None:
+    settings = get_settings()
+    with session_scope() as session:
+        row = session.get(EmbeddingJob, embedding_job_id)
+        if row is None or row.status != "queued":
+            return  # a duplicate delivery
+        claimed = session.execute(
+            update(EmbeddingJob)
+            .where(EmbeddingJob.id == embedding_job_id, EmbeddingJob.status == "queued")
+            .values(status="running", updated_at=utcnow())
+        )
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            return
+        checkpoint = session.get(Checkpoint, row.checkpoint_id)
+        layer, normalize, dataset_id = row.layer, row.normalize, row.dataset_id
+        checkpoint_path = settings.artifacts / checkpoint.path if checkpoint else None
+    if checkpoint_path is None or not checkpoint_path.is_file():
+        _finish_embedding(
+            embedding_job_id, "failed", error_code="checkpoint_gone",
+            error_message="the checkpoint is no longer on disk (pruned or removed); "
+            "use a newer checkpoint of the job",
+        )
+        return
+    import numpy as np
+
+    try:
+        matrix, files = compute_embeddings(
+            checkpoint_path, dataset_images_dir(settings, dataset_id), layer, normalize
+        )
+        folder = embeddings_dir(settings, embedding_job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomically(folder / INDEX_FILE, lambda f: f.write(json.dumps(files).encode()))
+        _write_atomically(folder / EMBEDDINGS_FILE, lambda f: np.save(f, matrix))
+    except SwavError as error:
+        _finish_embedding(
+            embedding_job_id, "failed", error_code=error.code, error_message=str(error)
+        )
+        return
+    except Exception as error:
+        log.exception("embedding job %s failed", embedding_job_id)
+        _finish_embedding(
+            embedding_job_id, "failed", error_code="internal",
+            error_message=f"the embedding failed ({type(error).__name__}); see the worker log",
+        )
+        return
+    _finish_embedding(
+        embedding_job_id, "succeeded", num_rows=int(matrix.shape[0]),
+        path=str(folder.relative_to(settings.artifacts)),
+    )
+
+
+# --------------------------------------------------------------------------- quality
+
+
+@app.task(name=EVAL_TASK)
+def evaluate_checkpoint(checkpoint_id: str) -> None:
+    """Store kNN and linear-probe top-1 of the checkpoint's backbone on its job's dataset.
+
+    Leaves `quality` unset (and logs why) when the file is gone or the dataset has no
+    classes; the evaluation does not change the model or the dataset.
+    """
+    settings = get_settings()
+    with session_scope() as session:
+        checkpoint = session.get(Checkpoint, checkpoint_id)
+        job = session.get(Job, checkpoint.job_id) if checkpoint is not None else None
+        if checkpoint is None or job is None:
+            return
+        path = settings.artifacts / checkpoint.path
+        images = dataset_images_dir(settings, job.dataset_id)
+    from swav_core.checkpoint import load_model
+    from swav_core.evaluate import evaluate_model
+
+    try:
+        model, config = load_model(path)
+        report = evaluate_model(model, images, size=config.size_crops[0])
+    except SwavError as error:
+        log.warning("checkpoint %s not evaluated: %s", checkpoint_id, error)
+        return
+    quality = {key: report[key] for key in ("knn_top1", "linear_top1", "n_train", "n_val")}
+    with session_scope() as session:
+        session.execute(
+            update(Checkpoint).where(Checkpoint.id == checkpoint_id).values(quality=quality)
+        )

@@ -1,0 +1,238 @@
+"""Batch embeddings of a whole dataset with one checkpoint, and checkpoint quality reports.
+
+`POST /v1/jobs/{job_id}/embeddings` queues an embedding job (short queue): every valid
+image of the dataset (default: the job's) through the checkpoint (default: the job's
+latest available one, final preferred). Once `succeeded`,
+`GET /v1/embedding-jobs/{id}/download?file=embeddings` is a float32 `.npy` of shape
+(N, D), and `?file=index` a JSON list of the N image paths relative to the dataset root,
+row i being the image at index[i]. The order is that of
+`swav_core.data.scan_image_folder(...).files`: the valid images' relative POSIX paths
+sorted as strings (so `class/name` groups by class folder).
+
+`POST /v1/checkpoints/{id}/evaluate` queues the checkpoint's quality report (kNN and
+linear-probe top-1 of its backbone on the job's labelled dataset); it shows as `quality`
+in the checkpoint listing once computed. The training worker requests it for every
+checkpoint of a job whose dataset has classes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.deps import SessionDep, SettingsDep, TenantDep
+from api.errors import ApiError, not_found
+from api.models import Checkpoint, Dataset, EmbeddingJob, Job, new_id
+from api.routes.checkpoints import find_checkpoint, stored_path
+from api.routes.datasets import find_dataset
+from api.routes.jobs import find_job
+from api.schemas import CheckpointPublic, EmbeddingJobCreate, EmbeddingJobPublic
+from api.settings import Settings
+from worker.dispatch import enqueue_embedding, enqueue_evaluation
+
+router = APIRouter(tags=["embedding jobs"])
+
+EMBEDDINGS_FILE = "embeddings.npy"  # the names worker.tasks writes
+INDEX_FILE = "index.json"
+
+
+def _gone(checkpoint_id: str) -> ApiError:
+    return ApiError(
+        410,
+        "checkpoint_gone",
+        f"checkpoint {checkpoint_id} is no longer on disk (pruned or removed); "
+        "use a newer checkpoint of the job, or omit checkpoint_id for its latest one",
+        "checkpoint_id",
+    )
+
+
+def pick_checkpoint(
+    session: Session, settings: Settings, job: Job, checkpoint_id: str | None
+) -> Checkpoint:
+    """The named checkpoint of `job` (404 / 410), or its latest one on disk (409)."""
+    if checkpoint_id is not None:
+        row = session.scalar(
+            select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job.id)
+        )
+        if row is None:
+            raise not_found(f"checkpoint of job {job.id}", "checkpoint_id", checkpoint_id)
+        if not row.available or stored_path(settings, row) is None:
+            raise _gone(checkpoint_id)
+        return row
+    rows = session.scalars(
+        select(Checkpoint)
+        .where(Checkpoint.job_id == job.id, Checkpoint.available.is_(True))
+        .order_by(Checkpoint.final.desc(), Checkpoint.step.desc(), Checkpoint.created_at.desc())
+    )
+    for candidate in rows:
+        if stored_path(settings, candidate) is not None:
+            return candidate
+    raise ApiError(
+        409,
+        "model_not_ready",
+        f"job {job.id} ({job.status}) has no checkpoint available yet; retry once it has "
+        "written one (see GET /v1/jobs/{job_id}/checkpoints)",
+        "checkpoint_id",
+    )
+
+
+def ready_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:
+    dataset = find_dataset(session, tenant, dataset_id)
+    if dataset.status != "ready":
+        raise ApiError(
+            409,
+            "dataset_not_ready",
+            f"dataset {dataset_id} is {dataset.status}; wait until it is ready",
+            "dataset_id",
+        )
+    return dataset
+
+
+def find_embedding_job(session: Session, tenant: str, embedding_job_id: str) -> EmbeddingJob:
+    row = session.scalar(
+        select(EmbeddingJob).where(
+            EmbeddingJob.id == embedding_job_id, EmbeddingJob.tenant == tenant
+        )
+    )
+    if row is None:
+        raise not_found("embedding job", "embedding_job_id", embedding_job_id)
+    return row
+
+
+@router.post(
+    "/v1/jobs/{job_id}/embeddings",
+    status_code=202,
+    response_model=EmbeddingJobPublic,
+    responses={
+        404: {"description": "No such job, checkpoint (of this job) or dataset."},
+        409: {"description": "No checkpoint yet (`model_not_ready`), or the dataset is not "
+              "ready (`dataset_not_ready`)."},
+        410: {"description": "The checkpoint was pruned (`checkpoint_gone`)."},
+        503: {"description": "The task broker is unreachable (`broker_unavailable`)."},
+    },
+)
+def create_embedding_job(
+    job_id: str,
+    payload: EmbeddingJobCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+) -> EmbeddingJobPublic:
+    """Embed every valid image of a dataset with one of the job's checkpoints (async)."""
+    job = find_job(session, tenant, job_id)
+    checkpoint = pick_checkpoint(session, settings, job, payload.checkpoint_id)
+    dataset = ready_dataset(session, tenant, payload.dataset_id or job.dataset_id)
+    row = EmbeddingJob(
+        id=new_id("emb"),
+        tenant=tenant,
+        job_id=job.id,
+        checkpoint_id=checkpoint.id,
+        dataset_id=dataset.id,
+        layer=payload.layer,
+        normalize=payload.normalize,
+        status="queued",
+    )
+    session.add(row)
+    session.commit()  # before the task is sent, so the worker finds the row
+    try:
+        enqueue_embedding(row.id)
+    except Exception as exc:
+        row.status = "failed"
+        row.error_code = "broker_unavailable"
+        row.error_message = "the task broker was unreachable; request the embeddings again"
+        session.commit()
+        raise ApiError(
+            503, "broker_unavailable", f"embedding job {row.id} failed: {row.error_message}"
+        ) from exc
+    return EmbeddingJobPublic.from_row(row)
+
+
+@router.get("/v1/embedding-jobs/{embedding_job_id}", response_model=EmbeddingJobPublic)
+def get_embedding_job(
+    embedding_job_id: str, session: SessionDep, tenant: TenantDep
+) -> EmbeddingJobPublic:
+    return EmbeddingJobPublic.from_row(find_embedding_job(session, tenant, embedding_job_id))
+
+
+@router.get(
+    "/v1/embedding-jobs/{embedding_job_id}/download",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {}, "application/json": {}},
+            "description": "embeddings: float32 .npy (N x D); index: JSON list of the N "
+            "relative image paths, sorted (scan_image_folder order), row i = index[i].",
+        },
+        409: {"description": "The embedding job has not succeeded (`embeddings_not_ready`)."},
+    },
+)
+def download_embeddings(
+    embedding_job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    file: Annotated[
+        Literal["embeddings", "index"],
+        Query(description="embeddings: the .npy matrix; index: the image paths."),
+    ] = "embeddings",
+) -> FileResponse:
+    row = find_embedding_job(session, tenant, embedding_job_id)
+    if row.status != "succeeded" or row.path is None:
+        raise ApiError(
+            409,
+            "embeddings_not_ready",
+            f"embedding job {row.id} is {row.status}; download once it has succeeded",
+            "embedding_job_id",
+        )
+    name = EMBEDDINGS_FILE if file == "embeddings" else INDEX_FILE
+    root = settings.artifacts
+    path = (root / row.path / name).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise ApiError(
+            410, "embeddings_gone", f"the files of embedding job {row.id} were removed",
+            "embedding_job_id",
+        )
+    media = "application/octet-stream" if file == "embeddings" else "application/json"
+    return FileResponse(path, media_type=media, filename=f"{row.id}-{Path(name).name}")
+
+
+@router.post(
+    "/v1/checkpoints/{checkpoint_id}/evaluate",
+    status_code=202,
+    response_model=CheckpointPublic,
+    responses={
+        409: {"description": "The job's dataset has no classes (`dataset_unlabelled`)."},
+        410: {"description": "The checkpoint was pruned (`checkpoint_gone`)."},
+    },
+)
+def evaluate_checkpoint(
+    checkpoint_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> CheckpointPublic:
+    """Queue the checkpoint's quality report on its job's dataset (needs class folders);
+    `quality` appears on the checkpoint once computed."""
+    row = find_checkpoint(session, tenant, checkpoint_id)
+    if not row.available or stored_path(settings, row) is None:
+        raise _gone(checkpoint_id)
+    job = session.get(Job, row.job_id)
+    assert job is not None
+    dataset = ready_dataset(session, tenant, job.dataset_id)
+    if not dataset.classes:
+        raise ApiError(
+            409,
+            "dataset_unlabelled",
+            f"dataset {dataset.id} has no classes (one subfolder per class); a quality "
+            "report needs labels",
+            "checkpoint_id",
+        )
+    try:
+        enqueue_evaluation(row.id)
+    except Exception as exc:
+        raise ApiError(
+            503, "broker_unavailable", "the task broker was unreachable; retry later"
+        ) from exc
+    return CheckpointPublic.from_row(row)
