@@ -264,7 +264,8 @@ def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
     return sorted(infos, key=lambda i: (i.final, -1 if i.step is None else i.step), reverse=True)
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while chunk := file.read(_HASH_CHUNK):
@@ -281,7 +282,7 @@ def _invalid_reason(path: Path) -> str | None:
         size = path.stat().st_size
         if isinstance(record.get("size"), int) and size != record["size"]:
             return f"size {size} differs from the recorded {record['size']}"
-        actual = _file_sha256(path)
+        actual = file_sha256(path)
     except OSError as exc:
         return f"cannot read it: {exc}"
     if actual != record["sha256"]:

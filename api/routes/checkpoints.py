@@ -10,7 +10,6 @@ when an export is made, so the API starts without it.
 
 from __future__ import annotations
 
-import hashlib
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -31,7 +30,6 @@ from swav_core.errors import CheckpointError
 
 router = APIRouter(tags=["checkpoints"])
 
-_HASH_CHUNK = 1 << 20
 
 
 class DownloadFormat(StrEnum):
@@ -124,14 +122,6 @@ def export(checkpoint: Path, fmt: DownloadFormat) -> Path:
     return target
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @router.get(
     "/v1/checkpoints/{checkpoint_id}/download",
     response_class=FileResponse,
@@ -176,6 +166,8 @@ def download_checkpoint(
             f"checkpoint {checkpoint_id} cannot be exported: its file does not verify or load",
             "checkpoint_id",
         ) from exc
+    from swav_core.checkpoint import file_sha256  # torch loads only when a download needs it
+
     return FileResponse(
         exported,
         media_type="application/octet-stream",
