@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from api.models import TERMINAL_JOB_STATUSES, Job, JobEvent, utcnow
+from api.models import ACTIVE_JOB_STATUSES, TERMINAL_JOB_STATUSES, Job, JobEvent, utcnow
 
 
 def append_event(session: Session, job_id: str, kind: str, data: dict[str, Any]) -> JobEvent:
@@ -38,9 +38,7 @@ def change_status(
     A compare-and-set in one UPDATE, so two writers cannot both win; returns whether this
     one did. Terminal states never change. Adds a "state" event on success.
     """
-    allowed = expected or tuple(
-        s for s in ("queued", "running", "cancelling") if s not in TERMINAL_JOB_STATUSES
-    )
+    allowed = expected or tuple(ACTIVE_JOB_STATUSES)
     values: dict[str, Any] = {"status": status, "updated_at": utcnow(), **fields}
     if status in TERMINAL_JOB_STATUSES:
         values["finished_at"] = utcnow()

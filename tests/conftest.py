@@ -1,7 +1,17 @@
 from __future__ import annotations
 
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import psycopg
 import pytest
 
 from swav_core.synthetic import write_shapes_dataset
@@ -15,17 +25,6 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # --- service fixtures: real PostgreSQL, Redis, uvicorn and Celery processes ---------------
 
-import os  # noqa: E402
-import secrets  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-
-import httpx  # noqa: E402
-import psycopg  # noqa: E402
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379"
@@ -65,8 +64,9 @@ def service_env(data_dir: Path, database_url: str | None, broker_url: str | None
 
 
 def migrate(env: dict[str, str]) -> None:
-    subprocess.run([str(BIN / "swav-service"), "migrate"], env=env, check=True, cwd=ROOT,
-                   timeout=120)
+    subprocess.run(
+        [str(BIN / "swav-service"), "migrate"], env=env, check=True, cwd=ROOT, timeout=120
+    )
 
 
 class Service:
@@ -91,8 +91,9 @@ class Service:
                 time.sleep(0.2)
         raise RuntimeError("API did not start")
 
-    def start_worker(self, queues: str = "train,short", name: str | None = None
-                     ) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, queues: str = "train,short", name: str | None = None
+    ) -> subprocess.Popen[bytes]:
         args = ["worker", "--queues", queues]
         if name:
             args += ["--name", name]
@@ -100,8 +101,14 @@ class Service:
 
     def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.data_dir / f"{args[0]}-{len(self.processes)}.log", "wb")  # noqa: SIM115
-        process = subprocess.Popen([str(BIN / "swav-service"), *args], env=self.env, cwd=ROOT,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [str(BIN / "swav-service"), *args],
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.processes.append(process)
         return process
 
@@ -120,8 +127,9 @@ class Service:
                 process.wait()
 
     def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-3000:]
-                         for p in sorted(self.data_dir.glob("*.log")))
+        return "\n".join(
+            p.read_text(errors="replace")[-3000:] for p in sorted(self.data_dir.glob("*.log"))
+        )
 
 
 @pytest.fixture
