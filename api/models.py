@@ -97,6 +97,11 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     fencing_token: Mapped[int] = mapped_column(Integer, default=0)
+    # Recovery: how many claims a job may take, and how long it may run in all.
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    max_runtime_s: Mapped[float | None] = mapped_column(Float)
+    # When the train message was last sent: the reconciler re-sends a lost one.
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class JobEvent(Base):
@@ -128,6 +133,21 @@ class Checkpoint(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # {"knn_top1", "linear_top1", "n_train", "n_val"} on the job's dataset (labelled only).
     quality: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The job's best checkpoint by its `keep_best_by` metric (kept when others are pruned).
+    best: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Worker(Base):
+    """A worker process's heartbeat: who serves which queues, with what, and when last seen."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    queues: Mapped[str] = mapped_column(String(200))
+    resources: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    job_id: Mapped[str | None] = mapped_column(String(40))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 EMBEDDING_JOB_STATUSES = ("queued", "running", "succeeded", "failed")

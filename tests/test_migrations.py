@@ -22,7 +22,8 @@ from api.models import Base
 from tests.conftest import BIN, ROOT, create_database, drop_database, service_env
 
 TABLES = {
-    "datasets", "jobs", "job_events", "checkpoints", "idempotency_keys", "embedding_jobs"
+    "datasets", "jobs", "job_events", "checkpoints", "idempotency_keys", "embedding_jobs",
+    "workers",
 }
 
 
