@@ -20,12 +20,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from swav_core.errors import DataError
@@ -72,10 +73,18 @@ class ImageFolderScan:
         return dict(Counter(skip.reason for skip in self.skipped).most_common())
 
 
+class NoImagesError(DataError):
+    """The folder holds no readable image; `skipped` says why each file was left out."""
+
+    def __init__(self, message: str, skipped: tuple[SkippedFile, ...]) -> None:
+        super().__init__(message)
+        self.skipped = skipped
+
+
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, IndexError, TypeError, EOFError)
 
 
-def _check_image(path: Path) -> tuple[int, str | None]:
+def _check_image(path: Path, max_pixels: int | None) -> tuple[int, str | None]:
     """(byte size, None) for a fully decodable allow-listed image, else (size, reason)."""
     try:
         size = path.stat().st_size
@@ -84,23 +93,33 @@ def _check_image(path: Path) -> tuple[int, str | None]:
     if size == 0:
         return 0, "empty file"
     try:
-        return size, _decode_problem(path, size)
+        return size, _decode_problem(path, size, max_pixels)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return size, "decompression bomb"
     except OSError:
         return size, "unreadable file"
 
 
-def _decode_problem(path: Path, size: int) -> str | None:
-    """None when Pillow fully decodes the first frame of an allow-listed format, else why not."""
+def _decode_problem(path: Path, size: int, max_pixels: int | None) -> str | None:
+    """None when Pillow fully decodes the first frame of an allow-listed format, else why not.
+
+    The declared width x height is checked against `max_pixels` before any pixel is
+    decoded, so a few bytes declaring a huge image cost nothing.
+    """
     with open(path, "rb") as handle:
         try:
             image = Image.open(handle)
-        except UnidentifiedImageError:
+        except _DECODE_ERRORS as exc:
+            # Pillow's own OSErrors (no errno) mean the header did not parse, as when a
+            # JPEG is cut inside its tables; an OSError with an errno is a failed read.
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise
             return _unidentified_reason(handle, size)
         with image:
             if image.format not in ALLOWED_FORMATS:
                 return f"unsupported format {image.format}"
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                return "decompression bomb"
             try:
                 image.seek(0)
                 image.load()
@@ -175,27 +194,37 @@ def _candidate_files(root: Path) -> list[str]:
     return sorted(found)
 
 
-def scan_image_folder(root: Path, workers: int | None = None) -> ImageFolderScan:
+def scan_image_folder(
+    root: Path, workers: int | None = None, max_pixels: int | None = None
+) -> ImageFolderScan:
     """Decode every file under `root` (recursively) and keep the readable images.
 
     Class labels come from the first-level subfolders when every image lives in one
     (classes sorted by name, as torchvision's ImageFolder does). Files that cannot be
-    fully decoded, are not JPEG/PNG/WEBP/BMP/GIF, or would exceed Pillow's
-    decompression-bomb limit are listed in `skipped` with a reason. Decoding runs on
-    `workers` threads (default: up to 8). Raises `DataError` when `root` is not a
-    folder or holds no readable image.
+    fully decoded, are not JPEG/PNG/WEBP/BMP/GIF, or declare more than `max_pixels`
+    pixels (default: Pillow's `Image.MAX_IMAGE_PIXELS`, the decompression-bomb limit)
+    are listed in `skipped` with a reason; the format is told by decoding, never by the
+    extension. Pillow itself refuses more than twice its own limit, so a larger
+    `max_pixels` has no effect beyond that. Decoding runs on `workers` threads (default:
+    up to 8). Raises `DataError` when `root` is not a folder, `NoImagesError` (a
+    DataError naming no server path) when it holds no readable image.
     """
     root = Path(root)
     if not root.is_dir():
         problem = "is not a folder" if root.exists() else "no such folder"
         raise DataError(f"dataset folder {root}: {problem}")
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if limit is not None and limit < 1:
+        raise ValueError(f"max_pixels={max_pixels} must be >= 1")
     candidates = _candidate_files(root)
     n_threads = workers or min(8, os.cpu_count() or 1)
-    # The filter is process-wide, so it also covers the pool's threads while they run.
+    check = partial(_check_image, max_pixels=limit)
+    # Pillow only warns between its limit and twice it; `limit` decides instead. The
+    # filter is process-wide, so it also covers the pool's threads while they run.
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with ThreadPoolExecutor(max_workers=max(1, n_threads)) as pool:
-            checks = list(pool.map(_check_image, (root / name for name in candidates)))
+            checks = list(pool.map(check, (root / name for name in candidates)))
 
     files: list[str] = []
     sizes: list[int] = []
@@ -208,7 +237,7 @@ def scan_image_folder(root: Path, workers: int | None = None) -> ImageFolderScan
             skipped.append(SkippedFile(name, reason))
 
     if not files:
-        raise DataError(_no_images_message(root, skipped))
+        raise NoImagesError(_no_images_message(skipped), tuple(skipped))
 
     labels: tuple[int, ...] | None = None
     classes: tuple[str, ...] | None = None
@@ -227,13 +256,14 @@ def scan_image_folder(root: Path, workers: int | None = None) -> ImageFolderScan
     )
 
 
-def _no_images_message(root: Path, skipped: list[SkippedFile]) -> str:
+def _no_images_message(skipped: list[SkippedFile]) -> str:
+    """Why a folder has no image, without its path: the service shows this to uploaders."""
     if not skipped:
-        return f"no images in {root}: the folder has no files (hidden files are ignored)"
+        return "no images in the dataset folder: it has no files (hidden files are ignored)"
     top = Counter(skip.reason for skip in skipped).most_common(3)
     reasons = ", ".join(f"{reason} ({count})" for reason, count in top)
     return (
-        f"no readable image in {root}: {len(skipped)} files skipped, top reasons: {reasons}; "
+        f"no readable image: {len(skipped)} files skipped, top reasons: {reasons}; "
         "accepted formats are JPEG, PNG, WEBP, BMP and GIF"
     )
 
