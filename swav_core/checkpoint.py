@@ -5,6 +5,7 @@ Layout of a run directory::
     run_dir/checkpoints/step-000001200.pt          torch.save of the training state
     run_dir/checkpoints/step-000001200.pt.sha256   JSON sidecar: sha256, size, step
     run_dir/checkpoints/final.pt (+ .sha256)       the state at the end of training
+    run_dir/checkpoints/step-000001200.pt.keep     a pin: pruning leaves this checkpoint
 
 Every file is written to a temporary name in the same folder, fsynced, renamed over its
 final name, and the folder is fsynced: a reader sees the old file or the new one, never a
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 FINAL_NAME = "final.pt"
 SIDECAR_SUFFIX = ".sha256"
+PIN_SUFFIX = ".keep"
 
 _STEP_NAME = re.compile(r"^step-(\d+)\.pt$")
 _TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]+$")
@@ -199,7 +201,10 @@ def save_checkpoint(
             raise
         fsync_dir(folder)
     except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc}") from exc
+        raise CheckpointError(
+            f"cannot write checkpoint {path.name}: {exc.strerror or exc}; the previous "
+            "checkpoints are intact (free space or fix the run folder, then resume)"
+        ) from exc
     try:
         _prune(folder, keep_last)
     except OSError as exc:
@@ -217,17 +222,40 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _prune(folder: Path, keep_last: int) -> None:
-    infos = [info for info in list_checkpoints(folder.parent) if not info.final]
+def pin_path(path: Path) -> Path:
+    return path.with_name(path.name + PIN_SUFFIX)
+
+
+def set_pinned(path: Path, pinned: bool) -> None:
+    """Pin a step checkpoint so that pruning keeps it (e.g. the best one by a quality
+    metric), or unpin it so that the next prune treats it like any other."""
+    if pinned:
+        atomic_write_bytes(pin_path(path), b"")
+    else:
+        pin_path(path).unlink(missing_ok=True)
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Remove step checkpoints (and their sidecars) past the newest `keep_last`, except
+    pinned ones. Safe from another process than the trainer: it leaves temp files alone."""
+    infos = [info for info in list_checkpoints(run_dir) if not info.final]
     for info in infos[keep_last:]:
+        if pin_path(info.path).exists():
+            continue
         info.path.unlink(missing_ok=True)
         sidecar_path(info.path).unlink(missing_ok=True)
+
+
+def _prune(folder: Path, keep_last: int) -> None:
+    """`prune_checkpoints`, then the leftovers of interrupted writes: orphan sidecars and
+    pins, and temp files of writers no longer alive (the trainer's own save only)."""
+    prune_checkpoints(folder.parent, keep_last)
     for entry in folder.iterdir():
         temp = _TEMP_NAME.match(entry.name)
         if temp and int(temp.group(1)) != os.getpid() and not _pid_alive(int(temp.group(1))):
             entry.unlink(missing_ok=True)
-        elif entry.name.endswith(SIDECAR_SUFFIX):
-            checkpoint = entry.with_name(entry.name.removesuffix(SIDECAR_SUFFIX))
+        elif entry.name.endswith((SIDECAR_SUFFIX, PIN_SUFFIX)):
+            checkpoint = entry.with_name(entry.name.rsplit(".", 1)[0])
             if _is_checkpoint_name(checkpoint.name) and not checkpoint.exists():
                 entry.unlink(missing_ok=True)
 

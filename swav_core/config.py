@@ -98,6 +98,9 @@ class TrainConfig(BaseModel):
     )
     checkpoint_every_epochs: int = Field(1, ge=0, description="Save every N epochs; 0 never.")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the final one.")
+    checkpoint_at_start: bool = Field(
+        False, description="Also save the initial weights (step 0): a baseline for quality."
+    )
     log_every_steps: int = Field(10, ge=1, description="Emit metric events every N steps.")
 
     @property

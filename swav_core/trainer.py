@@ -64,6 +64,7 @@ RESUMABLE_CHANGES = frozenset(
         "checkpoint_every_steps",
         "checkpoint_every_epochs",
         "keep_last",
+        "checkpoint_at_start",
     }
 )
 
@@ -314,6 +315,9 @@ def _train(
         world_size=ctx.world_size,
         device=str(device),
     )
+
+    if config.checkpoint_at_start and step == 0:
+        checkpoint()
 
     # --- loop
     frozen_until = freeze_steps(config, steps_per_epoch)

@@ -33,8 +33,10 @@ from swav_core.checkpoint import (
     load_latest_checkpoint,
     load_model_safetensors,
     model_from_checkpoint,
+    prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
+    set_pinned,
     sidecar_path,
     verify_checkpoint,
 )
@@ -148,6 +150,26 @@ def test_keep_last_prunes_to_newest_and_final_and_cleans_temp_files(tmp_path: Pa
     assert [(i.final, i.step) for i in infos] == [(True, 25), (False, 40), (False, 30)]
     loaded = load_latest_checkpoint(tmp_path)
     assert loaded is not None and loaded[1].final and loaded[0]["step"] == 25
+
+
+def test_a_pinned_checkpoint_survives_pruning_until_unpinned(tmp_path: Path) -> None:
+    first = save_checkpoint(tmp_path, small_state(10), step=10, keep_last=1)
+    set_pinned(first.path, True)
+    for step in (20, 30):
+        save_checkpoint(tmp_path, small_state(step), step=step, keep_last=1)
+    assert [i.step for i in list_checkpoints(tmp_path)] == [30, 10]
+    assert verify_checkpoint(first.path)
+
+    set_pinned(first.path, False)
+    prune_checkpoints(tmp_path, keep_last=1)
+    assert names(tmp_path) == {"step-000000030.pt", "step-000000030.pt.sha256"}
+
+
+def test_an_orphan_pin_is_removed_by_the_next_prune(tmp_path: Path) -> None:
+    (checkpoint_dir(tmp_path)).mkdir(parents=True)
+    (checkpoint_dir(tmp_path) / "step-000000005.pt.keep").write_bytes(b"")
+    save_checkpoint(tmp_path, small_state(10), step=10, keep_last=1)
+    assert names(tmp_path) == {"step-000000010.pt", "step-000000010.pt.sha256"}
 
 
 _KILL_DURING_SAVE = textwrap.dedent(

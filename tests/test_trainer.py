@@ -119,6 +119,27 @@ def test_stop_callback_checkpoints_and_resumes(shapes_dir: Path, tmp_path: Path)
     assert [m["step"] for m in again.of("metrics")] == list(range(3, 9))  # nothing repeated
 
 
+def test_checkpoint_at_start_saves_the_initial_weights_once(
+    shapes_dir: Path, tmp_path: Path
+) -> None:
+    events = Recorder()
+    config = tiny(epochs=1, checkpoint_at_start=True, keep_last=3)
+    train(config, shapes_dir, tmp_path / "run", callbacks=[events])
+    assert [c["step"] for c in events.of("checkpoint")] == [0, 4]
+    initial = load_checkpoint(tmp_path / "run" / "checkpoints" / "step-000000000.pt")
+    final = load_checkpoint(tmp_path / "run" / "checkpoints" / "final.pt")
+    weight = "backbone.features.0.weight"
+    assert not torch.equal(initial["model"][weight], final["model"][weight])
+
+    again = Recorder()
+    train(config, shapes_dir, tmp_path / "other", callbacks=[again])
+    same = load_checkpoint(tmp_path / "other" / "checkpoints" / "step-000000000.pt")
+    assert torch.equal(initial["model"][weight], same["model"][weight])
+    resumed = Recorder()
+    train(config, shapes_dir, tmp_path / "run", callbacks=[resumed])
+    assert resumed.of("checkpoint") == [] or resumed.of("checkpoint")[0]["step"] != 0
+
+
 def test_resume_refuses_a_changed_config(shapes_dir: Path, tmp_path: Path) -> None:
     train(tiny(epochs=1), shapes_dir, tmp_path / "run")
     with pytest.raises(ConfigError, match="base_lr"):
