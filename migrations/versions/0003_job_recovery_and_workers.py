@@ -1,4 +1,4 @@
-"""job recovery (attempts, runtime cap, dispatch time), best checkpoint, worker heartbeats
+"""job recovery (attempts, runtime cap, dispatch time), keep-best, worker heartbeats
 
 Revision ID: 0003
 Revises: 0002
@@ -22,6 +22,7 @@ def upgrade() -> None:
             sa.Column("max_attempts", sa.Integer(), nullable=False, server_default="3")
         )
         batch_op.add_column(sa.Column("max_runtime_s", sa.Float(), nullable=True))
+        batch_op.add_column(sa.Column("keep_best_by", sa.String(length=20), nullable=True))
         batch_op.add_column(sa.Column("dispatched_at", sa.DateTime(timezone=True), nullable=True))
     with op.batch_alter_table("checkpoints", schema=None) as batch_op:
         batch_op.add_column(
@@ -45,5 +46,6 @@ def downgrade() -> None:
         batch_op.drop_column("best")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_column("dispatched_at")
+        batch_op.drop_column("keep_best_by")
         batch_op.drop_column("max_runtime_s")
         batch_op.drop_column("max_attempts")

@@ -1,0 +1,248 @@
+"""The reconciler: makes the broker and the runners agree with the database again.
+
+Celery on Redis loses work in known ways: a worker killed with -9 leaves its job
+`running` with nobody behind it; a Redis restart without persistence drops queued
+messages; a message read by a dying worker waits hours for the visibility timeout. The
+database is the source of truth, so a periodic pass (every worker runs one; each change
+is a compare-and-set, so several at once are safe) repairs each case:
+
+- a running job whose lease expired goes back to `queued` (its fencing token bumped, so
+  the lost runner can never write again) and resumes from its last checkpoint, until
+  `max_attempts` claims have been lost; then it fails with `worker_lost`;
+- a cancelling job whose lease expired is `cancelled` (nobody is left to stop);
+- a queued job whose message is in neither the broker's queue nor its unacked set after
+  `resend_after_s` is sent again (a duplicate is harmless: claims are compare-and-set);
+  a multi-node job gets one per node rank neither claimed nor waiting in a queue.
+
+A job that leaves its run this way also loses its node-rank claims (worker/gang.py), so
+the nodes of a multi-node gang stop, and the next run gathers a new one.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from api.db import session_scope
+from api.models import Job, Worker, utcnow
+from api.settings import Settings
+from api.store import append_event, change_status
+from worker.celery_app import TRAIN_TASK, app
+from worker.dispatch import enqueue_job
+from worker.gang import live_ranks, release_ranks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Repairs:
+    requeued: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    resent: int = 0
+
+
+def _task_args(message: dict[str, Any]) -> tuple[str | None, list[Any]]:
+    """(task name, positional args) of a Celery protocol-2 message as kombu stores it."""
+    headers = message.get("headers") or {}
+    body = message.get("body")
+    args: list[Any] = []
+    if isinstance(body, str):
+        if (message.get("properties") or {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        try:
+            decoded = json.loads(body)
+            args = list(decoded[0]) if isinstance(decoded, list) and decoded else []
+        except (ValueError, TypeError):
+            args = []
+    return headers.get("task"), args
+
+
+def _train_job_ids(messages: Iterable[dict[str, Any]]) -> Counter[str]:
+    """How many training messages each job has among `messages`."""
+    ids: Counter[str] = Counter()
+    for message in messages:
+        task, args = _task_args(message)
+        if task == TRAIN_TASK and args:
+            ids[str(args[0])] += 1
+    return ids
+
+
+def _decoded(raw: Iterable[Any]) -> list[dict[str, Any]]:
+    messages = [json.loads(m) if isinstance(m, (bytes, str)) else m for m in raw]
+    return [m for m in messages if isinstance(m, dict)]
+
+
+def broker_messages(settings: Settings) -> tuple[Counter[str], Counter[str]]:
+    """Training messages per job: (waiting in a train queue of any size, unacked)."""
+    if settings.broker_url is None:
+        folder = settings.broker_folder / "queue"
+        messages = []
+        for path in folder.glob("*.msg"):
+            try:
+                messages.append(json.loads(path.read_bytes()))
+            except (OSError, ValueError):
+                continue
+        return _train_job_ids(messages), Counter()
+    with app.connection_for_read() as connection:
+        client = connection.default_channel.client
+        queues = [settings.train_queue, *client.scan_iter(match=f"{settings.train_queue}.gpus*")]
+        waiting = [m for queue in queues for m in client.lrange(queue, 0, -1)]
+        unacked = [json.loads(v)[0] if isinstance(v, (bytes, str)) else v
+                   for v in client.hvals("unacked")]
+    return _train_job_ids(_decoded(waiting)), _train_job_ids(_decoded(unacked))
+
+
+def broker_job_ids(settings: Settings) -> set[str]:
+    """Ids of the jobs that have a training message waiting or unacked in the broker."""
+    waiting, unacked = broker_messages(settings)
+    return set(waiting) | set(unacked)
+
+
+def _expired_leases(settings: Settings) -> int:
+    now = utcnow()
+    repairs = Repairs()
+    with session_scope() as session:
+        rows = session.execute(
+            select(
+                Job.id, Job.status, Job.fencing_token, Job.attempt, Job.max_attempts, Job.gpus,
+                Job.nodes,
+            ).where(
+                Job.status.in_(("running", "cancelling")),
+                func.coalesce(Job.lease_expires_at, Job.updated_at) < now,
+            )
+        ).all()
+    for job_id, status, token, attempt, max_attempts, gpus, nodes in rows:
+        with session_scope() as session:
+            fields = {"fencing_token": token + 1, "lease_owner": None, "lease_expires_at": None}
+            still = (Job.fencing_token == token,)
+            locked = session.execute(
+                select(Job.id).where(Job.id == job_id, *still).with_for_update()
+            ).first()
+            if locked is None:
+                continue
+            release_ranks(session, job_id)  # a multi-node job's next run claims them anew
+            if status == "cancelling":
+                change_status(session, job_id, "cancelled", expected=("cancelling",), **fields)
+                repairs.cancelled += 1
+            elif attempt < max_attempts:
+                append_event(session, job_id, "requeued", {"reason": "lease_expired",
+                                                           "attempt": attempt})
+                change_status(session, job_id, "queued", expected=("running",),
+                              dispatched_at=now, **fields)
+                repairs.requeued += 1
+            else:
+                change_status(
+                    session, job_id, "failed", expected=("running",),
+                    error_code="worker_lost",
+                    error_message=f"the worker running this job stopped renewing its lease on "
+                    f"each of {attempt} attempts (max_attempts {max_attempts}); its last "
+                    "checkpoint is kept and POST /v1/jobs/{id}/resume starts it again",
+                    **fields,
+                )
+                repairs.failed += 1
+                continue
+        if status == "running":
+            try:
+                enqueue_job(job_id, gpus, nodes)
+            except Exception:
+                log.warning("could not send job %s; the next pass retries", job_id)
+    return repairs.requeued + repairs.failed + repairs.cancelled
+
+
+def _lost_messages(settings: Settings) -> int:
+    """Re-send what queued jobs miss: one message for a single-node job with none waiting
+    or unacked; for a multi-node job, one per node rank that is neither claimed (under a
+    live lease) nor has a message waiting (an unacked one is a claimant's, or a dead
+    worker's that will not claim)."""
+    cutoff = utcnow() - timedelta(seconds=settings.resend_after_s)
+    with session_scope() as session:
+        waiting = session.execute(
+            select(Job.id, Job.gpus, Job.nodes).where(
+                Job.status == "queued",
+                func.coalesce(Job.dispatched_at, Job.updated_at) < cutoff,
+            )
+        ).all()
+        gangs = [job_id for job_id, _, nodes in waiting if nodes > 1]
+        claimed = live_ranks(session, gangs) if gangs else Counter()
+    if not waiting:
+        return 0
+    queued, unacked = broker_messages(settings)
+    resent = 0
+    for job_id, gpus, nodes in waiting:
+        if nodes > 1:
+            missing = nodes - claimed[job_id] - queued[job_id]
+        else:
+            missing = 0 if queued[job_id] or unacked[job_id] else 1
+        if missing <= 0:
+            continue
+        enqueue_job(job_id, gpus, missing)
+        with session_scope() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
+        log.info("re-sent job %s: its message was not in the broker", job_id)
+        resent += 1
+    return resent
+
+
+def reconcile_once(settings: Settings) -> dict[str, int]:
+    """One pass; how many jobs it moved or re-sent."""
+    return {"leases": _expired_leases(settings), "resent": _lost_messages(settings)}
+
+
+def record_presence(
+    name: str, queues: str, job_id: str | None = None, resources: dict[str, Any] | None = None
+) -> None:
+    """Upsert this worker's heartbeat row (read by /metrics and operators); `resources` is
+    what a training worker offers (worker/resources.py: device, gpus, ranks, address)."""
+    with session_scope() as session:
+        row = session.get(Worker, name)
+        if row is None:
+            session.add(Worker(name=name, queues=queues, job_id=job_id,
+                               resources={"pid": os.getpid(), **(resources or {})}))
+        else:
+            row.queues, row.job_id, row.last_seen_at = queues, job_id, utcnow()
+
+
+class Supervisor(threading.Thread):
+    """A daemon thread in each worker: heartbeats, and the reconciler every interval."""
+
+    def __init__(self, settings: Settings, name: str, queues: str) -> None:
+        super().__init__(name="swav-supervisor", daemon=True)
+        self.settings, self.worker_name, self.queues = settings, name, queues
+        self.stopped = threading.Event()
+        self.current_job: str | None = None
+        self.resources: dict[str, Any] = {}
+
+    def run(self) -> None:
+        next_reconcile = 0.0
+        step = min(self.settings.worker_heartbeat_s, self.settings.reconcile_interval_s)
+        elapsed = 0.0
+        while not self.stopped.wait(step if elapsed else 0):
+            try:
+                record_presence(self.worker_name, self.queues, self.current_job, self.resources)
+                if elapsed >= next_reconcile:
+                    repaired = reconcile_once(self.settings)
+                    if any(repaired.values()):
+                        log.info("reconciler: %s", repaired)
+                    next_reconcile = elapsed + self.settings.reconcile_interval_s
+            except Exception:
+                log.warning("reconciler pass failed; retrying", exc_info=True)
+            elapsed += step
+
+
+def clear_presence(name: str) -> None:
+    with session_scope() as session:
+        row = session.get(Worker, name)
+        if row is not None:
+            session.delete(row)
+
