@@ -1,0 +1,149 @@
+"""Per-tenant limits: active jobs (429), stored bytes (403), embedding request rate (429).
+
+Stored bytes are what the database records: the archive bytes of the tenant's datasets
+that still have files (every status but `deleted`) plus the sizes of its checkpoints still
+on disk. The active-job count and the job insert are serialised per tenant on PostgreSQL
+(a transaction-scoped advisory lock), so concurrent creates cannot both take the last slot.
+The embedding rate is a token bucket per tenant in each API process: with several API
+processes behind a balancer, each allows the configured rate.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError
+from api.models import ACTIVE_JOB_STATUSES, Checkpoint, Dataset, Job
+from api.settings import Settings
+
+
+def human_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} bytes"
+
+
+def lock_tenant(session: Session, tenant: str) -> None:
+    """Serialise this transaction with the tenant's other limit checks (PostgreSQL only;
+    SQLite has one writer at a time). Released at commit or rollback."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": tenant})
+
+
+def active_jobs(session: Session, tenant: str) -> int:
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.tenant == tenant, Job.status.in_(ACTIVE_JOB_STATUSES))
+        )
+        or 0
+    )
+
+
+def check_active_jobs(session: Session, settings: Settings, tenant: str) -> None:
+    """ApiError 429 `too_many_active_jobs` if the tenant may not queue one more job."""
+    limit = settings.tenant_max_active_jobs
+    if limit and (count := active_jobs(session, tenant)) >= limit:
+        raise ApiError(
+            429,
+            "too_many_active_jobs",
+            f"{count} jobs are queued, running or cancelling; the limit is {limit} active "
+            "jobs per tenant (SWAV_TENANT_MAX_ACTIVE_JOBS): wait for one to finish or "
+            "cancel one",
+        )
+
+
+def stored_bytes(session: Session, tenant: str) -> int:
+    """Dataset archives (not deleted) + checkpoints on disk, in bytes, of the tenant."""
+    datasets = session.scalar(
+        select(func.coalesce(func.sum(Dataset.archive_bytes), 0)).where(
+            Dataset.tenant == tenant, Dataset.status != "deleted"
+        )
+    )
+    checkpoints = session.scalar(
+        select(func.coalesce(func.sum(Checkpoint.size_bytes), 0))
+        .join(Job, Job.id == Checkpoint.job_id)
+        .where(Job.tenant == tenant, Checkpoint.available.is_(True))
+    )
+    return int(datasets or 0) + int(checkpoints or 0)
+
+
+def storage_error(used: int, limit: int, left: int | None = None) -> ApiError:
+    """ApiError 403 `storage_limit_exceeded` naming the usage and the limit; `left`: the
+    bytes an upload was allowed, when it was refused for being larger."""
+    over = f"; this upload is larger than the {human_bytes(left)} left" if left else ""
+    return ApiError(
+        403,
+        "storage_limit_exceeded",
+        f"the tenant stores {human_bytes(used)}{over}; the limit is {human_bytes(limit)} "
+        f"({limit} bytes, SWAV_TENANT_MAX_STORED_BYTES): delete datasets you no longer need",
+    )
+
+
+def storage_left(session: Session, settings: Settings, tenant: str) -> int | None:
+    """Bytes the tenant may still store (None: no limit); ApiError 403 if none are left."""
+    limit = settings.tenant_max_stored_bytes
+    if not limit:
+        return None
+    used = stored_bytes(session, tenant)
+    if used >= limit:
+        raise storage_error(used, limit)
+    return limit - used
+
+
+class RateLimiter:
+    """Token buckets per key: `rate` tokens a second, at most `burst` saved up.
+
+    `acquire` takes one token or returns how many seconds until one is there. Thread-safe;
+    the bucket table is bounded by forgetting full (idle) buckets when it grows.
+    """
+
+    def __init__(self, rate: float, burst: int, max_keys: int = 10_000) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.max_keys = max_keys
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at monotonic)
+        self._lock = threading.Lock()
+
+    def acquire(self, key: str, now: float | None = None) -> float:
+        """0.0 when a token was taken, else the wait in seconds before retrying."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, at = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - at) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                self._forget_idle(now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+
+    def _forget_idle(self, now: float) -> None:
+        if len(self._buckets) <= self.max_keys:
+            return
+        full_after = self.burst / self.rate
+        self._buckets = {
+            k: v for k, v in self._buckets.items() if now - v[1] < full_after
+        }
+
+
+def rate_limited(settings: Settings, wait_s: float) -> ApiError:
+    """ApiError 429 `rate_limited` with Retry-After: whole seconds, rounded up."""
+    retry_after = max(1, math.ceil(wait_s))
+    return ApiError(
+        429,
+        "rate_limited",
+        f"over the limit of {settings.tenant_embed_rate_per_s:g} embedding requests per "
+        f"second per tenant (burst {settings.tenant_embed_burst}, "
+        f"SWAV_TENANT_EMBED_RATE_PER_S); retry after {retry_after} s",
+        headers={"Retry-After": str(retry_after)},
+    )
