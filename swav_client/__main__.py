@@ -1,0 +1,3 @@
+from swav_client.cli import main
+
+main()

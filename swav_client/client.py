@@ -1,0 +1,466 @@
+"""`SwavClient`: the service's REST API (v1) over httpx, with typed results.
+
+Errors come back as `ApiError` with the server's `code`, `message` and `param`; when no
+answer arrives, `ServerUnreachable`. Retries (with exponential backoff and jitter, at most
+`max_retries`) follow what is safe to repeat:
+
+- a connection that could not be opened, and a 429 or 503 that carries Retry-After (the
+  server did not act and says when to come back), for any call;
+- a lost answer (timeout, dropped connection) and any 429/502/503/504, only for calls
+  that are idempotent: reads, embedding requests, and job creation, which sends an
+  `Idempotency-Key` (the same one on every attempt) so a repeated create returns the
+  first job instead of making a second.
+
+Cancel, resume and dataset uploads are otherwise never repeated.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from email.message import Message
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+from pydantic import BaseModel
+
+from swav_client.errors import ApiError, ChecksumMismatch, ServerUnreachable
+from swav_client.sse import parse_sse
+from swav_client.types import Checkpoint, Dataset, Embeddings, Event, Job, Page
+from swav_client.upload import TransferProgress, upload_body
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+USER_AGENT = "swav-client/0.1.0"
+DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+# The events stream sends a keep-alive every 15 s (api/routes/jobs.py): 60 s of silence
+# means the connection is dead, so reconnect.
+STREAM_TIMEOUT = httpx.Timeout(10.0, read=60.0)
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 8.0
+MAX_RETRY_AFTER_S = 60.0  # a longer Retry-After is answered with the error instead
+EMBED_BATCH = 64  # the server's default SWAV_MAX_EMBEDDING_ITEMS
+PAGE_LIMIT = 200  # the largest page the API gives (api/pagination.py MAX_LIMIT)
+DOWNLOAD_FORMATS = ("full", "safetensors", "backbone")
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP date; None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - time.time())
+
+
+def backoff_s(attempt: int) -> float:
+    """Full-jitter exponential backoff for the `attempt`-th retry (0-based)."""
+    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
+
+
+def error_from(response: httpx.Response) -> ApiError:
+    """The ApiError of an error answer (its body must have been read)."""
+    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    try:
+        error = response.json()["error"]
+        return ApiError(
+            response.status_code,
+            str(error["code"]),
+            str(error.get("message") or ""),
+            error.get("param"),
+            retry_after,
+        )
+    except (ValueError, KeyError, TypeError):
+        text = response.text.strip().replace("\n", " ")[:200]
+        message = text or response.reason_phrase or "no message"
+        return ApiError(
+            response.status_code, f"http_{response.status_code}", message, None, retry_after
+        )
+
+
+def attachment_name(response: httpx.Response) -> str | None:
+    """The file name of a Content-Disposition header (RFC 6266, filename* too), no folders."""
+    header = response.headers.get("Content-Disposition")
+    if not header:
+        return None
+    message = Message()
+    message["Content-Disposition"] = header
+    name = message.get_filename()
+    return (Path(name).name or None) if name else None
+
+
+class SwavClient:
+    """A client of one swav-service deployment. Use as a context manager, or `close()`.
+
+    `api_key` is sent as `Authorization: Bearer <key>`. `transport` is passed to httpx
+    (e.g. `httpx.HTTPTransport(uds=...)`).
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        max_retries: int = 3,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        headers = {"User-Agent": USER_AGENT}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self.max_retries = max_retries
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport
+        )
+
+    @property
+    def base_url(self) -> str:
+        return str(self._http.base_url)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> SwavClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ transport
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        idempotent: bool,
+        stream: bool = False,
+        body: Callable[[], dict[str, Any]] | None = None,
+        timeout: httpx.Timeout | None = None,
+        **request: Any,
+    ) -> httpx.Response:
+        """Send with the retry rules of the module docstring; error answers raise ApiError.
+
+        `body()` gives extra `build_request` arguments anew for each attempt (a streamed
+        upload must start again from its first byte). With `stream`, the caller reads
+        and closes the successful response.
+        """
+        if timeout is not None:
+            request["timeout"] = timeout
+        for attempt in range(self.max_retries + 1):
+            last = attempt == self.max_retries
+            extra = body() if body is not None else {}
+            built = self._http.build_request(method, path, **request, **extra)
+            try:
+                response = self._http.send(built, stream=stream)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if last:
+                    raise ServerUnreachable(f"cannot connect to {self.base_url}: {exc}") from exc
+                time.sleep(backoff_s(attempt))
+                continue
+            except httpx.TransportError as exc:
+                if last or not idempotent:
+                    raise ServerUnreachable(
+                        f"{method} {path}: no answer from {self.base_url} ({exc!r})"
+                    ) from exc
+                time.sleep(backoff_s(attempt))
+                continue
+            if response.is_success:
+                return response
+            response.read()
+            response.close()
+            error = error_from(response)
+            wait = self._retry_wait(error, attempt, idempotent)
+            if last or wait is None:
+                raise error
+            time.sleep(wait)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    @staticmethod
+    def _retry_wait(error: ApiError, attempt: int, idempotent: bool) -> float | None:
+        """Seconds to wait before retrying `error`, or None when it must not be retried."""
+        if error.status not in RETRY_STATUSES:
+            return None
+        if error.retry_after is not None:
+            if error.retry_after > MAX_RETRY_AFTER_S:
+                return None
+            if error.status in (429, 503) or idempotent:
+                return error.retry_after
+            return None
+        return backoff_s(attempt) if idempotent else None
+
+    def _get(self, path: str, model: type[R], **params: Any) -> R:
+        query = {k: v for k, v in params.items() if v is not None}
+        response = self._send("GET", path, idempotent=True, params=query)
+        return model.model_validate_json(response.content)
+
+    def _post(self, path: str, model: type[R], idempotent: bool = False, **request: Any) -> R:
+        response = self._send("POST", path, idempotent=idempotent, **request)
+        return model.model_validate_json(response.content)
+
+    # ------------------------------------------------------------------ datasets
+
+    def upload_dataset(
+        self, path: str | Path, name: str | None = None, progress: TransferProgress | None = None
+    ) -> Dataset:
+        """Upload a folder of images (packed to tar on the fly) or a zip/tar(.gz) archive.
+
+        The answer is `validating`; see `wait_dataset`. `progress(n, total)` is called as
+        bytes are handed to the connection. Raises FileNotFoundError or NotUploadable for
+        a path that cannot be uploaded, before anything is sent.
+        """
+        upload = upload_body(Path(path), name)
+        headers = {"Content-Type": upload.content_type, "Content-Length": str(upload.length)}
+
+        def body() -> dict[str, Any]:
+            return {"content": upload.chunks(progress)}
+
+        # Not idempotent (the route has no Idempotency-Key): never resent after the body
+        # may have reached the server.
+        return self._post(
+            "/v1/datasets", Dataset, headers=headers, body=body,
+            timeout=httpx.Timeout(60.0, connect=10.0, write=300.0),
+        )
+
+    def get_dataset(self, dataset_id: str) -> Dataset:
+        return self._get(f"/v1/datasets/{dataset_id}", Dataset)
+
+    def list_datasets(self, limit: int | None = None, cursor: str | None = None) -> Page[Dataset]:
+        return self._get("/v1/datasets", Page[Dataset], limit=limit, cursor=cursor)
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._send("DELETE", f"/v1/datasets/{dataset_id}", idempotent=False)
+
+    def wait_dataset(
+        self, dataset_id: str, timeout_s: float | None = None, poll_s: float = 0.5
+    ) -> Dataset:
+        """Poll until the dataset is no longer `validating` (ready or failed); return it.
+
+        Raises TimeoutError after `timeout_s`. The interval grows from `poll_s` to 5 s.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            dataset = self.get_dataset(dataset_id)
+            if dataset.status != "validating":
+                return dataset
+            if deadline is not None and time.monotonic() + poll_s > deadline:
+                raise TimeoutError(f"dataset {dataset_id} still validating after {timeout_s} s")
+            time.sleep(poll_s)
+            poll_s = min(5.0, poll_s * 1.5)
+
+    # ------------------------------------------------------------------ jobs
+
+    def create_job(
+        self,
+        dataset_id: str,
+        preset: str | None = None,
+        config: dict[str, Any] | None = None,
+        name: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """Submit a training job; `config` overrides the preset's TrainConfig fields.
+
+        Every call sends an Idempotency-Key (a new random one unless given): retries of
+        this call reuse it, and so may a caller that repeats the call with the same key.
+        """
+        payload: dict[str, Any] = {"dataset_id": dataset_id, "config": config or {}}
+        for key, value in (("preset", preset), ("name", name), ("metadata", metadata)):
+            if value is not None:
+                payload[key] = value
+        key = idempotency_key or str(uuid.uuid4())
+        return self._post(
+            "/v1/jobs", Job, idempotent=True, json=payload, headers={"Idempotency-Key": key}
+        )
+
+    def get_job(self, job_id: str) -> Job:
+        return self._get(f"/v1/jobs/{job_id}", Job)
+
+    def list_jobs(
+        self,
+        status: str | Sequence[str] | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[Job]:
+        """The jobs, newest first; `status` filters ("queued,running" or a list)."""
+        if status is not None and not isinstance(status, str):
+            status = ",".join(status)
+        return self._get("/v1/jobs", Page[Job], status=status, limit=limit, cursor=cursor)
+
+    def cancel_job(self, job_id: str) -> Job:
+        return self._post(f"/v1/jobs/{job_id}/cancel", Job)
+
+    def resume_job(self, job_id: str) -> Job:
+        return self._post(f"/v1/jobs/{job_id}/resume", Job)
+
+    def list_events(self, job_id: str, after: int = 0, limit: int | None = None) -> Page[Event]:
+        """One page of the job's events with seq > after; `next_cursor` is the next `after`."""
+        return self._get(f"/v1/jobs/{job_id}/events", Page[Event], after=after, limit=limit)
+
+    def iter_events(self, job_id: str, after: int = 0) -> Iterator[Event]:
+        """Every event so far with seq > after, page by page (does not wait for more)."""
+        while True:
+            page = self.list_events(job_id, after=after, limit=PAGE_LIMIT)
+            yield from page.data
+            if page.next_cursor is None:
+                return
+            after = int(page.next_cursor)
+
+    def stream_events(self, job_id: str, after: int = 0) -> Iterator[Event]:
+        """The job's events live (server-sent events), from seq > after, until it finishes.
+
+        The server ends the stream once the job is terminal and every event was sent. A
+        stream that breaks is reopened where it stopped (`Last-Event-ID`), up to
+        `max_retries` times in a row without progress.
+        """
+        failures = 0
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if after:
+                headers["Last-Event-ID"] = str(after)
+            response = self._send(
+                "GET", f"/v1/jobs/{job_id}/events", idempotent=True, stream=True,
+                headers=headers, timeout=STREAM_TIMEOUT,
+            )
+            try:
+                for message in parse_sse(response.iter_lines()):
+                    event = Event.model_validate_json(message.data)
+                    after, failures = event.seq, 0
+                    yield event
+                return
+            except httpx.TransportError as exc:
+                failures += 1
+                if failures > self.max_retries:
+                    raise ServerUnreachable(
+                        f"the event stream of {job_id} keeps breaking ({exc!r})"
+                    ) from exc
+                time.sleep(backoff_s(failures - 1))
+            finally:
+                response.close()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def list_checkpoints(
+        self, job_id: str, limit: int | None = None, cursor: str | None = None
+    ) -> Page[Checkpoint]:
+        return self._get(
+            f"/v1/jobs/{job_id}/checkpoints", Page[Checkpoint], limit=limit, cursor=cursor
+        )
+
+    def get_checkpoint(self, checkpoint_id: str) -> Checkpoint:
+        return self._get(f"/v1/checkpoints/{checkpoint_id}", Checkpoint)
+
+    def download_checkpoint(
+        self,
+        checkpoint_id: str,
+        out: str | Path = ".",
+        format: str = "full",
+        progress: TransferProgress | None = None,
+    ) -> Path:
+        """Download to `out` (a folder: the server's file name in it) and return the path.
+
+        The file is written next to its target as `.part`, its sha256 compared with the
+        server's `X-Checksum-SHA256`, then renamed into place; on a mismatch it is deleted
+        and ChecksumMismatch raised. `progress(n, total)` is called per chunk.
+        """
+        if format not in DOWNLOAD_FORMATS:
+            raise ValueError(f"format {format!r}: use one of {', '.join(DOWNLOAD_FORMATS)}")
+        response = self._send(
+            "GET", f"/v1/checkpoints/{checkpoint_id}/download", idempotent=True, stream=True,
+            params={"format": format},
+        )
+        try:
+            target = Path(out)
+            if target.is_dir():
+                target = target / (attachment_name(response) or f"{checkpoint_id}.{format}")
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            partial = target.with_name(target.name + ".part")
+            digest = hashlib.sha256()
+            try:
+                with open(partial, "wb") as f:
+                    for chunk in response.iter_bytes(1 << 20):
+                        f.write(chunk)
+                        digest.update(chunk)
+                        if progress is not None:
+                            progress(len(chunk), total)
+            except httpx.TransportError as exc:
+                partial.unlink(missing_ok=True)
+                raise ServerUnreachable(f"the download of {checkpoint_id} broke ({exc!r})") from exc
+            expected = response.headers.get("X-Checksum-SHA256")
+            if expected and digest.hexdigest() != expected.lower():
+                partial.unlink(missing_ok=True)
+                raise ChecksumMismatch(
+                    f"{checkpoint_id}: downloaded sha256 {digest.hexdigest()} differs from the "
+                    f"server's {expected}; download it again"
+                )
+            partial.replace(target)
+            return target
+        finally:
+            response.close()
+
+    # ------------------------------------------------------------------ embeddings
+
+    def embed(
+        self,
+        model: str,
+        images: Sequence[str | Path | bytes],
+        layer: str = "backbone",
+        normalize: bool = True,
+        batch_size: int = EMBED_BATCH,
+    ) -> Embeddings:
+        """Embeddings of `images` (paths or encoded bytes) with a checkpoint or job id.
+
+        Sent as multipart in batches of `batch_size` (the server caps images per request);
+        the answer's float32 bytes are decoded exactly. A job id is resolved by the first
+        batch, and later batches use that checkpoint, so all rows come from one model
+        even if the job writes a new checkpoint meanwhile.
+        """
+        if not images:
+            raise ValueError("no images to embed")
+        rows: list[np.ndarray] = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            files = [("files", _image_part(image, start + i)) for i, image in enumerate(batch)]
+            fields = {
+                "model": model,
+                "layer": layer,
+                "normalize": "true" if normalize else "false",
+                "encoding_format": "base64",
+            }
+            response = self._send(
+                "POST", "/v1/embeddings", idempotent=True, data=fields, files=files
+            )
+            answer = response.json()
+            model = answer["model"]
+            ordered = sorted(answer["data"], key=lambda item: item["index"])
+            if len(ordered) != len(batch):
+                raise ApiError(
+                    response.status_code, "invalid_response",
+                    f"{len(ordered)} embeddings for {len(batch)} images",
+                )
+            rows.extend(
+                np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4")
+                for item in ordered
+            )
+        return Embeddings(model=model, vectors=np.stack(rows).astype(np.float32, copy=False))
+
+
+def _image_part(image: str | Path | bytes, index: int) -> tuple[str, bytes]:
+    if isinstance(image, bytes):
+        return f"image-{index}", image
+    path = Path(image)
+    return path.name, path.read_bytes()
