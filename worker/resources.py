@@ -1,0 +1,58 @@
+"""What a training worker offers, and the queue a job of each size is sent to.
+
+A job asks for `gpus` ranks per node (GPUs, or CPU processes on a worker without one)
+and `nodes` nodes. The broker routes by size: a job of N ranks per node goes to the
+queue `train` (N = 1) or `train.gpusN`, and a training worker that can run R ranks
+consumes the queues for 1..R. So a worker is never handed a job it cannot fit, and a job
+waits in its queue until a worker that fits reads it; the database is not asked.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from api.settings import Settings
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    device: str  # "cuda" or "cpu"
+    gpus: int
+    ranks: int  # the most ranks one job may run here: gpus, or CPU processes without one
+    address: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cuda_device_count() -> int:
+    """GPUs this process sees; 0 without CUDA. torch counts them through NVML when it
+    can, without initialising CUDA in the worker (its training children do that)."""
+    import torch
+
+    return int(torch.cuda.device_count())
+
+
+def worker_address(settings: Settings) -> str:
+    return settings.worker_address or socket.gethostname()
+
+
+def detect_resources(settings: Settings) -> WorkerResources:
+    gpus = settings.worker_gpus if settings.worker_gpus is not None else cuda_device_count()
+    if gpus > 0:
+        return WorkerResources("cuda", gpus, gpus, worker_address(settings))
+    cpu_ranks = settings.worker_cpu_ranks or os.cpu_count() or 1
+    return WorkerResources("cpu", 0, cpu_ranks, worker_address(settings))
+
+
+def train_queue_for(settings: Settings, gpus: int) -> str:
+    """The queue of jobs with `gpus` ranks per node: `train` for 1, else `train.gpus{N}`."""
+    return settings.train_queue if gpus <= 1 else f"{settings.train_queue}.gpus{gpus}"
+
+
+def train_queues(settings: Settings, ranks: int) -> list[str]:
+    """The queues a worker that can run `ranks` ranks consumes: every size it fits."""
+    return [train_queue_for(settings, n) for n in range(1, max(1, ranks) + 1)]
