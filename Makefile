@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,19 @@ demo: $(STAMP)
 	$(BIN)/python -m api.demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check swav_core api worker migrations tests bench
-	$(BIN)/mypy swav_core api worker
+	$(BIN)/ruff check swav_core api worker swav_client migrations tests bench
+	$(BIN)/mypy swav_core api worker swav_client
 
-test: lint
+# tests/test_dashboard.py drives Debian's headless chromium through chromium-driver (no
+# browser download at test time); installed here when missing.
+browser:
+	@if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/chromedriver ]; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+	    || { apt-get update -qq >/dev/null && apt-get install -y -qq chromium chromium-driver >/dev/null; }; \
+	fi
+
+test: lint browser
 	$(BIN)/pytest -q
 
 bench: $(STAMP)

@@ -1,4 +1,5 @@
-"""`swav-service`: migrate, api, worker, up (migrate + API + workers for local use)."""
+"""`swav-service`: migrate, api, worker, up (migrate + API + workers for local use), and
+API keys: create-key, revoke-key, list-keys (on the database the settings name)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,54 @@ def migrate(revision: str = "head") -> None:
     config.set_main_option("script_location", str(ROOT / "migrations"))
     config.attributes["url"] = settings.resolved_database_url
     command.upgrade(config, revision)
+
+
+def create_key(tenant: str, name: str | None) -> int:
+    """Print a new key for `tenant`; the key alone on the last line, shown only this once."""
+    from api.auth import ApiKeyError
+    from api.auth import create_key as make_key
+    from api.db import get_sessionmaker
+
+    try:
+        with get_sessionmaker()() as session:
+            row, key = make_key(session, tenant, name)
+    except ApiKeyError as exc:
+        print(f"swav-service create-key: {exc}", file=sys.stderr)
+        return 2
+    print(f"created API key {row.id} (prefix {row.prefix}) for tenant {row.tenant}")
+    print("store it now: only its hash is kept, it cannot be shown again")
+    print(key)
+    return 0
+
+
+def revoke_key(id_or_prefix: str) -> int:
+    """Revoke a key by id or prefix; requests with it answer 401 from now on."""
+    from api.auth import ApiKeyError
+    from api.auth import revoke_key as revoke
+    from api.db import get_sessionmaker
+
+    try:
+        with get_sessionmaker()() as session:
+            row = revoke(session, id_or_prefix)
+    except ApiKeyError as exc:
+        print(f"swav-service revoke-key: {exc}", file=sys.stderr)
+        return 1
+    print(f"revoked API key {row.id} (prefix {row.prefix}) of tenant {row.tenant}")
+    return 0
+
+
+def list_keys(tenant: str | None) -> int:
+    """One line per key: id, prefix, tenant, created, revoked (or `active`), name."""
+    from api.auth import list_keys as keys
+    from api.db import get_sessionmaker
+
+    with get_sessionmaker()() as session:
+        rows = keys(session, tenant)
+    for row in rows:
+        revoked = row.revoked_at.isoformat(timespec="seconds") if row.revoked_at else "active"
+        created = row.created_at.isoformat(timespec="seconds")
+        print(f"{row.id}\t{row.prefix}\t{row.tenant}\t{created}\t{revoked}\t{row.name or ''}")
+    return 0
 
 
 def run_api(host: str, port: int) -> None:
@@ -111,6 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     local = commands.add_parser("up", help="migrate and run API + workers locally")
     local.add_argument("--host", default="127.0.0.1")
     local.add_argument("--port", type=int, default=8000)
+    new_key = commands.add_parser(
+        "create-key", help="create an API key for a tenant; printed once, on the last line"
+    )
+    new_key.add_argument("--tenant", required=True)
+    new_key.add_argument("--name", default=None, help="a label shown by list-keys")
+    revoke = commands.add_parser("revoke-key", help="revoke an API key by id or prefix")
+    revoke.add_argument("key", metavar="KEY_ID_OR_PREFIX")
+    listing = commands.add_parser("list-keys", help="list API keys (never the keys themselves)")
+    listing.add_argument("--tenant", default=None)
     args = parser.parse_args(argv)
 
     if args.command == "migrate":
@@ -121,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(sys.executable, worker_command(args.queues, args.name))
     elif args.command == "up":
         return up(args.host, args.port)
+    elif args.command == "create-key":
+        return create_key(args.tenant, args.name)
+    elif args.command == "revoke-key":
+        return revoke_key(args.key)
+    elif args.command == "list-keys":
+        return list_keys(args.tenant)
     return 0
 
 

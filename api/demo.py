@@ -1,7 +1,8 @@
 """The README's main job: the whole service on embedded defaults, driven over HTTP.
 
-Starts `swav-service up` (SQLite, Celery's filesystem transport, local artifacts, all
-under ./var/demo), generates a small image set, uploads it, submits a cpu-tiny job,
+Makes an API key with `swav-service create-key` (authentication stays on, as in any
+deployment), starts `swav-service up` (SQLite, Celery's filesystem transport, local
+artifacts, all under ./var/demo), generates a small image set, uploads it, submits a cpu-tiny job,
 follows it to `succeeded` over the live event stream, lists its checkpoints and
 downloads the final one, checking its sha256. No Redis or PostgreSQL needed.
 """
@@ -29,9 +30,23 @@ from swav_core.synthetic import write_shapes_dataset
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_service(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def demo_env(data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWAV_")}
     env["SWAV_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def create_key(env: dict[str, str]) -> str:
+    """Migrate, then a new API key of tenant "demo" (the last line create-key prints)."""
+    for args in (["migrate"], ["create-key", "--tenant", "demo", "--name", "make demo"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "api.cli", *args],
+            env=env, cwd=ROOT, capture_output=True, text=True, check=True,
+        )
+    return result.stdout.strip().splitlines()[-1]
+
+
+def start_service(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "api.cli", "up", "--port", str(port)],
         env=env,
@@ -91,11 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.data_dir, ignore_errors=True)
     base = f"http://127.0.0.1:{args.port}"
 
-    service = start_service(args.data_dir, args.port)
+    env = demo_env(args.data_dir)
+    key = create_key(env)
+    print(f"API key for tenant demo: {key[:13]}... (sent as Authorization: Bearer)")
+    service = start_service(env, args.port)
     try:
         wait_ready(base)
         print(f"service up at {base} (embedded mode, data in {args.data_dir})")
-        with httpx.Client(base_url=base, timeout=60) as client:
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=base, timeout=60, headers=headers) as client:
             upload = client.post(
                 "/v1/datasets",
                 data={"name": "shapes"},

@@ -6,10 +6,20 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from api.auth import LOCAL_TENANT, authenticate
 from api.db import get_sessionmaker
+from api.errors import ApiError
 from api.settings import Settings, get_settings
+
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key from `swav-service create-key --tenant NAME`, sent as "
+    "`Authorization: Bearer <key>`.",
+)
 
 
 def get_session() -> Iterator[Session]:
@@ -18,13 +28,35 @@ def get_session() -> Iterator[Session]:
         yield session
 
 
-def get_tenant() -> str:
-    """The tenant that owns what the request reads and creates.
+def unauthorized() -> ApiError:
+    """The one 401 for a missing, malformed, unknown or revoked key (nothing tells which)."""
+    return ApiError(
+        401,
+        "unauthorized",
+        "a valid API key is required: send `Authorization: Bearer <key>` (create one with "
+        "`swav-service create-key --tenant NAME`)",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
-    Every request is tenant "local" until authentication exists; swap this one function
-    (e.g. for one that reads an API key) and every route is scoped by it.
+
+def get_tenant(
+    settings: Annotated[Settings, Depends(get_settings)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> str:
+    """The tenant that owns what the request reads and creates: the API key's tenant.
+
+    With `SWAV_AUTH_ENABLED=false` every request is tenant "local". The key is looked up
+    in a short session of its own, so no connection is held while a request streams.
     """
-    return "local"
+    if not settings.auth_enabled:
+        return LOCAL_TENANT
+    if credentials is None:
+        raise unauthorized()
+    with get_sessionmaker()() as session:
+        tenant = authenticate(session, credentials.credentials)
+    if tenant is None:
+        raise unauthorized()
+    return tenant
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

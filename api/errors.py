@@ -8,12 +8,14 @@ request values (an upload or a config can be large) and never include a stack tr
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError as DatabaseDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from swav_core.errors import CheckpointError, ConfigError, DataError, SwavError
@@ -126,16 +128,32 @@ async def _request_validation(request: Request, exc: Exception) -> JSONResponse:
     return error_response(error.status, error.code, error.message, error.param)
 
 
+def allowed_methods(request: Request) -> str:
+    """The `Allow` value of a 405: every method the OpenAPI document gives this path (plus
+    HEAD with GET). Starlette's names only the first route's, e.g. POST alone on a path
+    that serves GET and POST."""
+    methods: set[str] = set()
+    for template, item in request.app.openapi().get("paths", {}).items():
+        pattern = re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, request.url.path):
+            methods |= {m.upper() for m in item}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
 async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = HTTP_STATUS_CODES.get(exc.status_code, "internal" if exc.status_code >= 500 else "error")
+    headers = dict(exc.headers or {})
     if exc.status_code == 404:
         message = f"no route {request.url.path}; see /docs for the API"
     elif exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
+        headers["Allow"] = allowed_methods(request) or headers.get("Allow", "")
     else:
         message = str(exc.detail)
-    return error_response(exc.status_code, code, message, headers=exc.headers)
+    return error_response(exc.status_code, code, message, headers=headers or None)
 
 
 async def _swav_error(request: Request, exc: Exception) -> JSONResponse:
@@ -144,6 +162,20 @@ async def _swav_error(request: Request, exc: Exception) -> JSONResponse:
     if status >= 500:
         log.error("engine error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(status, exc.code, str(exc))
+
+
+async def _database_data_error(request: Request, exc: Exception) -> JSONResponse:
+    """A value the database refuses (a NUL character in a string, an integer out of range):
+    it came from the request, so 422 rather than 500. PostgreSQL raises it; SQLite
+    stores such values."""
+    log.warning("database refused a value on %s %s: %s", request.method, request.url.path,
+                str(exc).splitlines()[0][:300])
+    return error_response(
+        422,
+        "invalid_value",
+        "a value in the request cannot be stored or looked up (a NUL character in a "
+        "string, or a number out of range); remove it",
+    )
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
@@ -156,4 +188,5 @@ def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(SwavError, _swav_error)
+    app.add_exception_handler(DatabaseDataError, _database_data_error)
     app.add_exception_handler(Exception, _unhandled)

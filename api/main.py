@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
+from api.dashboard import explorer, install_dashboard
+from api.deps import get_tenant
 from api.errors import register_error_handlers
+from api.metrics import install_metrics
+from api.openapi import build_openapi
 from api.routes import checkpoints, datasets, embedding_jobs, embeddings, health, jobs
 
 DESCRIPTION = """SwAV self-supervised pretraining as a service.
@@ -12,6 +16,10 @@ DESCRIPTION = """SwAV self-supervised pretraining as a service.
 Upload an image archive (`POST /v1/datasets`), submit a job on it (`POST /v1/jobs`),
 follow its events (`GET /v1/jobs/{id}/events`, JSON or server-sent events) and download
 its checkpoints. Every error answers `{"error": {"code", "message", "param"}}`.
+
+Every `/v1` route needs an API key (`Authorization: Bearer <key>`, from `swav-service
+create-key --tenant NAME`) unless the server runs with `SWAV_AUTH_ENABLED=false`, and sees
+only its tenant's datasets, jobs, checkpoints and embeddings: another tenant's id is 404.
 """
 
 
@@ -23,11 +31,13 @@ def create_app() -> FastAPI:
         docs_url="/docs",
         openapi_url="/openapi.json",
     )
-    app.include_router(health.router)
-    app.include_router(datasets.router)
-    app.include_router(jobs.router)
-    app.include_router(checkpoints.router)
-    app.include_router(embeddings.router)
-    app.include_router(embedding_jobs.router)
+    app.include_router(health.router)  # public: probes carry no key
+    install_metrics(app)  # GET /metrics, public like the probes; request latency
+    install_dashboard(app)  # GET / and its static files: public, they hold no data
+    # Authenticated at the router too, so a new /v1 route cannot forget it.
+    authenticated = [Depends(get_tenant)]
+    for module in (datasets, jobs, checkpoints, embeddings, embedding_jobs, explorer):
+        app.include_router(module.router, dependencies=authenticated)
     register_error_handlers(app)
+    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app

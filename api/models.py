@@ -29,6 +29,7 @@ DATASET_STATUSES = ("validating", "ready", "failed", "deleted")
 JOB_STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 TERMINAL_JOB_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE_JOB_STATUSES = frozenset({"queued", "running", "cancelling"})
+MAX_INTEGER = 2**31 - 1  # the largest value an Integer column holds on PostgreSQL
 
 
 def utcnow() -> datetime:
@@ -100,8 +101,13 @@ class Job(Base):
     # Recovery: how many claims a job may take, and how long it may run in all.
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     max_runtime_s: Mapped[float | None] = mapped_column(Float)
+    # "knn_top1" or "linear_top1": the checkpoint best by it is pinned against pruning.
+    keep_best_by: Mapped[str | None] = mapped_column(String(20))
     # When the train message was last sent: the reconciler re-sends a lost one.
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Resources: ranks per node (GPUs, or CPU processes on a worker without one) and nodes.
+    gpus: Mapped[int] = mapped_column(Integer, default=1)
+    nodes: Mapped[int] = mapped_column(Integer, default=1)
 
 
 class JobEvent(Base):
@@ -150,6 +156,30 @@ class Worker(Base):
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class JobRank(Base):
+    """A worker's claim on one node of a multi-node job (worker/gang.py).
+
+    Each of the job's `nodes` workers holds one row under a lease of its own; `token` is
+    the job's fencing token when the rank was claimed (the gang trains at token + 1).
+    Node rank 0's row carries the rendezvous endpoint (host:port) that the other nodes
+    join. The rows of a job are deleted whenever it leaves a run (requeued or finished).
+    """
+
+    __tablename__ = "job_ranks"
+
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    node_rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    token: Mapped[int] = mapped_column(Integer)
+    endpoint: Mapped[str | None] = mapped_column(String(300))
+    lease_expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Set when this node's training process ended (a finished node is not a lost one).
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    claimed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 EMBEDDING_JOB_STATUSES = ("queued", "running", "succeeded", "failed")
 
 
@@ -190,3 +220,19 @@ class IdempotencyRecord(Base):
     status_code: Mapped[int] = mapped_column(Integer)
     response: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """A tenant's API key: only its sha256 is kept; `prefix` finds the row and is shown in
+    listings (it is the key's first characters, not enough to use it)."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (UniqueConstraint("prefix", name="uq_api_keys_prefix"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(100), index=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    prefix: Mapped[str] = mapped_column(String(20))
+    key_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.models import Checkpoint, Dataset, EmbeddingJob, Job, JobEvent
 
+QualityMetric = Literal["knn_top1", "linear_top1"]
+
 
 def _aware(value: datetime | None) -> datetime | None:
     """SQLite returns naive datetimes; every stored time is UTC."""
@@ -26,6 +28,22 @@ class PublicModel(BaseModel):
     @classmethod
     def _utc_times(cls, value: Any) -> Any:
         return _aware(value) if isinstance(value, datetime) else value
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code: str = Field(description="Stable and machine-readable, e.g. `not_found`.")
+    message: str = Field(description="What went wrong and how to fix it.")
+    param: str | None = Field(description="The request field at fault (dotted), or null.")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx and 5xx answer (api/errors.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail
 
 
 class ErrorInfo(BaseModel):
@@ -80,6 +98,32 @@ class DatasetsPublic(BaseModel):
 # --------------------------------------------------------------------------- jobs
 
 
+MAX_RANKS_PER_NODE = 64
+MAX_NODES = 64
+
+
+class JobResources(BaseModel):
+    """What a job runs on. `gpus` ranks on each of `nodes` workers: world size gpus x nodes,
+    each rank taking batch_size / (gpus x nodes) images of the global batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpus: int = Field(
+        1,
+        ge=1,
+        le=MAX_RANKS_PER_NODE,
+        description="Ranks per node: GPUs, or CPU processes (gloo) on a worker without a GPU. "
+        "Only a worker that can run this many takes the job.",
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=MAX_NODES,
+        description="Workers (machines) that train the job together; it starts once this "
+        "many have claimed it.",
+    )
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -92,6 +136,18 @@ class JobCreate(BaseModel):
         default_factory=dict, description="TrainConfig fields that override the preset."
     )
     metadata: dict[str, Any] | None = Field(None, description="Free-form, returned as given.")
+    keep_best_by: QualityMetric | None = Field(
+        None,
+        description="Keep the checkpoint best by this quality metric besides the newest ones "
+        "(the dataset needs class folders; checkpoints are evaluated as they are saved).",
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=20, description="Runs after a lost worker before failing with worker_lost."
+    )
+    max_runtime_s: float | None = Field(
+        None, gt=0, description="Running time over all attempts before failing with timeout."
+    )
+    resources: JobResources = Field(default_factory=JobResources)
 
 
 class Progress(BaseModel):
@@ -119,6 +175,10 @@ class JobPublic(PublicModel):
     config: dict[str, Any] = Field(description="The resolved, complete TrainConfig.")
     metadata: dict[str, Any] | None
     compute_seconds: float
+    keep_best_by: str | None
+    max_attempts: int
+    max_runtime_s: float | None
+    resources: JobResources
 
     @classmethod
     def from_row(cls, row: Job) -> JobPublic:
@@ -142,6 +202,10 @@ class JobPublic(PublicModel):
             config=row.config,
             metadata=row.user_metadata,
             compute_seconds=row.compute_seconds,
+            keep_best_by=row.keep_best_by,
+            max_attempts=row.max_attempts,
+            max_runtime_s=row.max_runtime_s,
+            resources=JobResources(gpus=row.gpus, nodes=row.nodes),
         )
 
 
@@ -187,6 +251,9 @@ class CheckpointPublic(PublicModel):
         description="knn_top1, linear_top1 (in [0, 1]), n_train, n_val of the backbone on "
         "the job's labelled dataset; null until evaluated, or when the dataset has no classes.",
     )
+    best: bool = Field(
+        False, description="The job's best checkpoint by its keep_best_by metric (kept)."
+    )
     created_at: datetime
 
     @classmethod
@@ -202,6 +269,7 @@ class CheckpointPublic(PublicModel):
             sha256=row.sha256,
             metrics=row.metrics,
             quality=row.quality,
+            best=row.best,
             created_at=row.created_at,
         )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,15 +24,68 @@ class Settings(BaseSettings):
     artifacts_dir: Path | None = Field(None, description="Default: data_dir/artifacts.")
 
     max_upload_bytes: int = Field(2 * 1024**3, description="Dataset archive size cap (413).")
-    max_archive_members: int = 200_000
-    max_uncompressed_bytes: int = 8 * 1024**3
-    max_compression_ratio: float = 200.0
+    max_archive_members: int = Field(200_000, description="Archive members of any kind.")
+    max_uncompressed_bytes: int = Field(8 * 1024**3, description="Bytes the archive expands to.")
+    max_compression_ratio: float = Field(200.0, description="Expanded / compressed bytes.")
+    max_dataset_image_pixels: int | None = Field(
+        None,
+        description="Width x height above which a dataset image is skipped as a "
+        "decompression bomb. Default: Pillow's limit (89.5 M); effective up to twice that.",
+    )
 
     train_queue: str = "train"
     short_queue: str = "short"
     events_metrics_every_s: float = Field(1.0, description="Throttle for metric events.")
     cancel_grace_s: float = Field(60.0, description="Hard stop after a cooperative cancel.")
     poll_interval_s: float = 0.5
+
+    # Leases and recovery (worker/runner.py, worker/reconciler.py).
+    lease_ttl_s: float = Field(60.0, description="A runner silent this long is presumed dead.")
+    lease_renew_s: float = Field(10.0, description="How often a runner renews its lease.")
+    shutdown_grace_s: float = Field(
+        60.0, description="On SIGTERM: time for the run to checkpoint before it is killed."
+    )
+    reconcile_interval_s: float = Field(15.0, description="How often a worker reconciles.")
+    resend_after_s: float = Field(
+        60.0, description="A queued job whose message is not in the broker this long is re-sent."
+    )
+    worker_heartbeat_s: float = Field(10.0, description="How often a worker says it is alive.")
+
+    # What a training worker offers (worker/resources.py) and multi-node jobs (worker/gang.py).
+    worker_gpus: int | None = Field(
+        None, ge=0, description="GPUs this worker gives to jobs. Default: all it sees."
+    )
+    worker_cpu_ranks: int | None = Field(
+        None,
+        ge=1,
+        description="On a worker without a GPU: how many CPU processes (gloo ranks) one job "
+        "may run here. Default: the number of cores.",
+    )
+    worker_address: str | None = Field(
+        None,
+        description="Host name or IP the other nodes of a multi-node job reach this worker "
+        "at (its rendezvous endpoint and process group). Default: this host's name.",
+    )
+    gang_wait_s: float = Field(
+        600.0,
+        description="How long a worker holding a node rank of a multi-node job waits for the "
+        "other nodes before it gives the rank back (and the job's message to the queue).",
+    )
+
+    # Shared artifact storage (api/storage.py). The artifacts folder may itself be shared
+    # (NFS); with `storage_url`, checkpoints and dataset images are also kept in an
+    # S3-compatible store that every machine reads from.
+    storage_url: str | None = Field(
+        None,
+        description="s3://bucket/prefix: keep artifacts in an S3-compatible store as well; "
+        "default: the artifacts folder only (local disk or NFS).",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="e.g. http://minio:9000; default: AWS's endpoint for the region."
+    )
+    s3_region: str | None = Field(None, description="Default: boto3's (AWS_DEFAULT_REGION).")
+    s3_access_key_id: str | None = Field(None, description="Default: boto3's credential chain.")
+    s3_secret_access_key: SecretStr | None = Field(None, description="With s3_access_key_id.")
 
     # POST /v1/embeddings: request limits, model cache and micro-batching.
     max_embedding_items: int = Field(64, description="Images per embedding request (413).")
@@ -46,6 +99,25 @@ class Settings(BaseSettings):
     embed_device: str | None = Field(None, description="Default: cuda if available, else cpu.")
     embed_torch_threads: int = Field(0, description="torch intra-op threads; 0: torch default.")
     embed_resolve_ttl_s: float = Field(2.0, description="How long a model id's lookup is reused.")
+
+    # Authentication and per-tenant limits (0 turns a limit off).
+    auth_enabled: bool = Field(
+        True,
+        description="Require `Authorization: Bearer <key>` (swav-service create-key); false: "
+        "no authentication, every request is tenant `local`.",
+    )
+    tenant_max_active_jobs: int = Field(
+        32, ge=0, description="Queued, running or cancelling jobs per tenant (429)."
+    )
+    tenant_max_stored_bytes: int = Field(
+        100 * 1024**3, ge=0, description="Dataset archives + checkpoints per tenant (403)."
+    )
+    tenant_embed_rate_per_s: float = Field(
+        20.0, ge=0, description="POST /v1/embeddings requests per second per tenant (429)."
+    )
+    tenant_embed_burst: int = Field(
+        100, ge=1, description="Embedding requests a tenant may send at once above the rate."
+    )
 
     @property
     def resolved_database_url(self) -> str:

@@ -44,7 +44,7 @@ def rss_mb(pid: int) -> float:
 
 
 def hammer(
-    base: str, paths: list[str], seconds: float, clients: int
+    base: str, paths: list[str], seconds: float, clients: int, headers: dict[str, str]
 ) -> tuple[float, list[float], int]:
     latencies: list[float] = []
     errors = 0
@@ -55,7 +55,7 @@ def hammer(
         nonlocal errors
         mine: list[float] = []
         bad = 0
-        with httpx.Client(base_url=base, timeout=10) as http:
+        with httpx.Client(base_url=base, timeout=10, headers=headers) as http:
             n = i
             while time.monotonic() < stop:
                 start = time.perf_counter()
@@ -112,6 +112,11 @@ def main() -> None:
     }
     bin_dir = Path(sys.executable).parent
     subprocess.run([str(bin_dir / "swav-service"), "migrate"], env=env, check=True)
+    created = subprocess.run(
+        [str(bin_dir / "swav-service"), "create-key", "--tenant", "local"],
+        env=env, check=True, capture_output=True, text=True,
+    )
+    auth = {"Authorization": f"Bearer {created.stdout.strip().splitlines()[-1]}"}
     engine = make_engine(url)
     from sqlalchemy.orm import Session
 
@@ -149,10 +154,10 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        hammer(base, ["/healthz"], 2, args.clients)  # warm-up
-        bound, bound_lat, bound_err = hammer(base, ["/healthz"], args.seconds, args.clients)
-        rate, lat, errors = hammer(
-            base, [f"/v1/jobs/{j}" for j in job_ids], args.seconds, args.clients
+        hammer(base, ["/healthz"], 2, args.clients, auth)  # warm-up
+        bound, bound_lat, bound_err = hammer(base, ["/healthz"], args.seconds, args.clients, auth)
+        rate, lat, errors = hammer(  # each read also looks up its API key
+            base, [f"/v1/jobs/{j}" for j in job_ids], args.seconds, args.clients, auth
         )
         q = statistics.quantiles(lat, n=100)
         print(
@@ -181,7 +186,7 @@ def main() -> None:
         response = httpx.post(
             f"{base}/v1/datasets",
             content=chunks(args.upload_mb),
-            headers={"Content-Type": "multipart/form-data; boundary=swavbench"},
+            headers={"Content-Type": "multipart/form-data; boundary=swavbench", **auth},
             timeout=600,
         )
         elapsed = time.monotonic() - start

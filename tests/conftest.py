@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -70,15 +71,48 @@ def migrate(env: dict[str, str]) -> None:
 
 
 class Service:
-    """A deployment under test: its env, and processes started with `start_*`."""
+    """A deployment under test: its env, and processes started with `start_*`.
+
+    `start_api` (always after migrate) makes an API key of tenant "local" with the real
+    `swav-service create-key`; `client()` sends it.
+    """
 
     def __init__(self, env: dict[str, str], data_dir: Path) -> None:
         self.env = env
         self.data_dir = data_dir
         self.processes: list[subprocess.Popen[bytes]] = []
         self.base_url = ""
+        self.key: str | None = None
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`swav-service ARGS` on this deployment's settings, output captured."""
+        return subprocess.run(
+            [str(BIN / "swav-service"), *args],
+            env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )
+
+    def create_key(self, tenant: str = "local", name: str | None = None) -> str:
+        """A new API key of `tenant`: the last line `swav-service create-key` prints."""
+        result = self.cli("create-key", "--tenant", tenant, *(["--name", name] if name else []))
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip().splitlines()[-1]
+
+    def other_tenant_key(self) -> str:
+        """A key of a new tenant, which owns nothing yet."""
+        return self.create_key(f"tenant-{secrets.token_hex(4)}")
+
+    def ensure_key(self) -> str:
+        """The tenant "local" key, made on first use (the database must be migrated)."""
+        if self.key is None:
+            self.key = self.create_key()
+        return self.key
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.ensure_key()}"}
 
     def start_api(self) -> str:
+        self.ensure_key()
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
         self.api = self._spawn("api", "--port", str(port))
@@ -94,6 +128,10 @@ class Service:
     def start_worker(
         self, queues: str = "train,short", name: str | None = None
     ) -> subprocess.Popen[bytes]:
+        """A worker on `queues` ("train", "short": this deployment's queue names)."""
+        names = {"train": self.env.get("SWAV_TRAIN_QUEUE", "train"),
+                 "short": self.env.get("SWAV_SHORT_QUEUE", "short")}
+        queues = ",".join(names.get(q, q) for q in queues.split(","))
         args = ["worker", "--queues", queues]
         if name:
             args += ["--name", name]
@@ -112,8 +150,14 @@ class Service:
         self.processes.append(process)
         return process
 
-    def client(self, **kwargs: object) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=30, **kwargs)  # type: ignore[arg-type]
+    def client(
+        self, key: str | None = None, headers: dict[str, str] | None = None, **kwargs: Any
+    ) -> httpx.Client:
+        """An HTTP client of the API sending `key` (default: the tenant "local" key)."""
+        sent = {"Authorization": f"Bearer {key}"} if key else self.auth_headers
+        return httpx.Client(
+            base_url=self.base_url, timeout=30, headers=sent | (headers or {}), **kwargs
+        )
 
     def stop(self) -> None:
         for process in self.processes:
@@ -134,13 +178,16 @@ class Service:
 
 @pytest.fixture
 def pg_service(tmp_path: Path) -> Iterator[Service]:
-    """PostgreSQL (a fresh database, migrated) + Redis (a fresh db number)."""
+    """PostgreSQL (a fresh database, migrated) + Redis (a db number and queue names of
+    its own, so that test sessions running side by side never take each other's tasks)."""
     url = create_database()
     redis_db = 1 + int(secrets.token_hex(1), 16) % 14
     import redis
 
     redis.Redis.from_url(f"{REDIS_URL}/{redis_db}").flushdb()
     env = service_env(tmp_path / "data", url, f"{REDIS_URL}/{redis_db}")
+    suffix = secrets.token_hex(4)
+    env |= {"SWAV_TRAIN_QUEUE": f"train-{suffix}", "SWAV_SHORT_QUEUE": f"short-{suffix}"}
     (tmp_path / "data").mkdir()
     migrate(env)
     service = Service(env, tmp_path / "data")

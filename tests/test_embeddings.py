@@ -318,7 +318,8 @@ def test_concurrent_requests_are_micro_batched(
     async def run() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
         async with httpx.AsyncClient(
-            base_url=deployment.service.base_url, timeout=60, limits=limits
+            base_url=deployment.service.base_url, timeout=60, limits=limits,
+            headers=deployment.service.auth_headers,
         ) as http:
             return await asyncio.gather(
                 *(

@@ -7,7 +7,10 @@ training run. Training workers take one task at a time (prefetch 1, acks late).
 
 from __future__ import annotations
 
-from celery import Celery
+import contextlib
+from typing import Any
+
+from celery import Celery, signals
 
 from api.settings import Settings, get_settings
 
@@ -15,6 +18,7 @@ INGEST_TASK = "worker.tasks.ingest_dataset"
 TRAIN_TASK = "worker.tasks.run_job"
 EMBED_TASK = "worker.tasks.embed_dataset"
 EVAL_TASK = "worker.tasks.evaluate_checkpoint"
+SUPERVISOR: Any = None
 
 
 def broker_options(settings: Settings) -> dict[str, object]:
@@ -56,3 +60,53 @@ def create_celery(settings: Settings | None = None) -> Celery:
 
 
 app = create_celery()
+
+
+@signals.celeryd_after_setup.connect
+def _consume_every_size_that_fits(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    """A training worker also reads the queues of jobs with more ranks per node, up to
+    what it can run (worker/resources.py): the broker never hands it a job too large."""
+    from worker.resources import detect_resources, train_queues
+
+    settings = get_settings()
+    queues = instance.app.amqp.queues
+    if settings.train_queue not in (queues.consume_from or {}):
+        return
+    for name in train_queues(settings, detect_resources(settings).ranks)[1:]:
+        queues.select_add(queues[name])  # declared as a sender declares it: exchange = name
+
+
+@signals.worker_ready.connect
+def _start_supervisor(sender: Any = None, **_: Any) -> None:
+    """Heartbeats and the reconciler run in a thread of every worker (worker/reconciler.py)."""
+    from worker.reconciler import Supervisor
+    from worker.resources import detect_resources
+
+    global SUPERVISOR
+    settings = get_settings()
+    sized = f"{settings.train_queue}.gpus"  # listed as the worker's `ranks`, not one by one
+    consumed = app.amqp.queues.consume_from or ()
+    queues = ",".join(sorted(q for q in consumed if not q.startswith(sized)))
+    training = settings.train_queue in queues.split(",")
+    resources = detect_resources(settings).as_dict() if training else {}
+    SUPERVISOR = Supervisor(settings, str(getattr(sender, "hostname", "worker")), queues)
+    SUPERVISOR.resources = resources
+    SUPERVISOR.start()
+
+
+@signals.worker_shutting_down.connect
+def _hand_back_on_shutdown(**_: Any) -> None:
+    """SIGTERM: the running job checkpoints and goes back to the queue (worker/runner.py)."""
+    from worker.runner import SHUTDOWN
+
+    SHUTDOWN.set()
+
+
+@signals.worker_shutdown.connect
+def _stop_supervisor(**_: Any) -> None:
+    if SUPERVISOR is not None:
+        SUPERVISOR.stopped.set()
+        with contextlib.suppress(Exception):
+            from worker.reconciler import clear_presence
+
+            clear_presence(SUPERVISOR.worker_name)

@@ -1,8 +1,8 @@
 """Celery tasks. Each takes an id, re-reads its row, and does nothing if the row moved on.
 
-`ingest_dataset` extracts and validates an upload (short queue). `run_job` claims a
-queued job with a compare-and-set, runs the trainer in a child process, relays its
-events into the database, and records how it ended (train queue). `embed_dataset`
+`ingest_dataset` extracts and validates an upload (short queue). `run_job` trains a
+job under a lease (worker/runner.py: claim, heartbeat, relay, end state; train
+queue). `embed_dataset`
 embeds a whole dataset with one checkpoint, and `evaluate_checkpoint` stores a
 checkpoint's quality report (kNN / linear probe on the labelled dataset); both run on
 the short queue, and the relay enqueues the latter for every checkpoint of a job whose
@@ -11,31 +11,23 @@ dataset has classes, so training never waits for an evaluation.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from api.db import session_scope
-from api.models import Checkpoint, Dataset, EmbeddingJob, Job, new_id, utcnow
+from api.models import Checkpoint, Dataset, EmbeddingJob, Job, utcnow
 from api.settings import Settings, get_settings
-from api.store import append_event, change_status
-from swav_core.data import scan_image_folder
+from api.storage import StorageError, artifact_store
+from swav_core.data import NoImagesError, SkippedFile, scan_image_folder
 from swav_core.errors import DataError, SwavError
-from worker.archive import ArchiveLimits, extract_archive
+from worker.archive import ArchiveLimits, ArchiveRefused, extract_archive, shown_name
 from worker.celery_app import EMBED_TASK, EVAL_TASK, INGEST_TASK, TRAIN_TASK, app
-from worker.dispatch import enqueue_evaluation
 
 log = logging.getLogger(__name__)
 MAX_REPORTED_SKIPS = 1000
@@ -53,8 +45,37 @@ def _single_top_folder(root: Path) -> Path:
     return root
 
 
+def _in_archive(skipped: tuple[SkippedFile, ...], prefix: str) -> list[dict[str, str]]:
+    """Skipped files named as the archive names them (the unwrapped top folders put back)."""
+    return [
+        {"path": shown_name(f"{prefix}/{s.path}" if prefix else s.path), "reason": s.reason}
+        for s in skipped
+    ]
+
+
+def _fail_dataset(dataset_id: str, code: str, message: str, skipped: list[dict[str, str]]) -> None:
+    with session_scope() as session:
+        session.execute(
+            update(Dataset)
+            .where(Dataset.id == dataset_id, Dataset.status == "validating")
+            .values(
+                status="failed",
+                error_code=code,
+                error_message=message,
+                num_skipped=len(skipped),
+                skipped=skipped[:MAX_REPORTED_SKIPS],
+            )
+        )
+
+
 @app.task(name=INGEST_TASK)
 def ingest_dataset(dataset_id: str) -> None:
+    """Extract and validate an upload: the dataset ends `ready` or `failed`, never stuck.
+
+    `skipped` lists every refused member and every skipped file, named as in the archive,
+    with the reason, whether the dataset ends ready or failed; error messages name members
+    and caps, never a server path. Everything is written under the dataset's folder.
+    """
     settings = get_settings()
     with session_scope() as session:
         dataset = session.get(Dataset, dataset_id)
@@ -69,33 +90,61 @@ def ingest_dataset(dataset_id: str) -> None:
         settings.max_uncompressed_bytes,
         settings.max_compression_ratio,
     )
+    refused: list[dict[str, str]] = []
+    prefix = ""
     try:
         if not uploads:
             raise DataError("the uploaded archive is missing; upload it again")
         report = extract_archive(uploads[0], staging, limits)
+        refused = report.refused
         if report.written == 0:
             raise DataError(
                 "the archive holds no files"
                 + (
-                    f" that could be accepted ({len(report.refused)} refused)"
+                    f" that could be accepted ({len(report.refused)} refused, see `skipped`)"
                     if report.refused
                     else ""
                 )
             )
+        top = _single_top_folder(staging)
+        prefix = "" if top == staging else top.relative_to(staging).as_posix()
         shutil.rmtree(images, ignore_errors=True)
-        _single_top_folder(staging).rename(images)
+        top.rename(images)
         shutil.rmtree(staging, ignore_errors=True)
-        scan = scan_image_folder(images)
+        scan = scan_image_folder(images, max_pixels=settings.max_dataset_image_pixels)
     except DataError as error:
+        if isinstance(error, ArchiveRefused):
+            refused = error.refused
+        skipped = refused + (
+            _in_archive(error.skipped, prefix) if isinstance(error, NoImagesError) else []
+        )
         shutil.rmtree(staging, ignore_errors=True)
-        with session_scope() as session:
-            session.execute(
-                update(Dataset)
-                .where(Dataset.id == dataset_id)
-                .values(status="failed", error_code=error.code, error_message=str(error))
-            )
+        shutil.rmtree(images, ignore_errors=True)
+        _fail_dataset(dataset_id, error.code, str(error), skipped)
         return
-    skipped = report.refused + [{"path": s.path, "reason": s.reason} for s in scan.skipped]
+    except Exception:
+        log.exception("ingesting dataset %s failed", dataset_id)
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(images, ignore_errors=True)
+        _fail_dataset(
+            dataset_id,
+            "ingest_failed",
+            "the archive could not be processed (a server-side error); upload it again later",
+            refused,
+        )
+        return
+    skipped = refused + _in_archive(scan.skipped, prefix)
+    try:  # with an S3 store, workers on other machines restore the images from it
+        artifact_store(settings).upload_tree(images)
+    except StorageError:
+        log.exception("uploading dataset %s to the artifact store failed", dataset_id)
+        _fail_dataset(
+            dataset_id,
+            "ingest_failed",
+            "the images could not be stored (the artifact store is unreachable); upload again",
+            skipped,
+        )
+        return
     with session_scope() as session:
         session.execute(
             update(Dataset)
@@ -111,238 +160,19 @@ def ingest_dataset(dataset_id: str) -> None:
         )
 
 
-@dataclass
-class Relay:
-    """Moves the trainer's events.jsonl into the database, throttling metric events."""
-
-    job_id: str
-    run_dir: Path
-    settings: Settings
-    offset: int = 0
-    last_metrics_at: float = 0.0
-    pending_metrics: dict[str, Any] | None = None
-    to_evaluate: list[str] = field(default_factory=list)
-    labelled: bool | None = None
-
-    def start_at_end(self) -> None:
-        path = self.run_dir / "events.jsonl"
-        self.offset = path.stat().st_size if path.exists() else 0
-
-    def poll(self, flush: bool = False) -> None:
-        path = self.run_dir / "events.jsonl"
-        if path.exists():
-            with path.open("rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-            complete = data[: data.rfind(b"\n") + 1]
-            self.offset += len(complete)
-            events = [json.loads(line) for line in complete.splitlines() if line.strip()]
-            if events:
-                with session_scope() as session:
-                    for event in events:
-                        self._apply(session, event)
-                self._enqueue_evaluations()
-        if self.pending_metrics and (
-            flush or time.monotonic() - self.last_metrics_at >= self.settings.events_metrics_every_s
-        ):
-            with session_scope() as session:
-                append_event(session, self.job_id, "metrics", self.pending_metrics)
-            self.pending_metrics = None
-            self.last_metrics_at = time.monotonic()
-
-    def _apply(self, session: Any, event: dict[str, Any]) -> None:
-        kind = event.pop("type")
-        event.pop("time", None)
-        if kind == "metrics":
-            metrics = {
-                k: v for k, v in event.items() if k not in ("step", "total_steps", "epoch", "eta_s")
-            }
-            session.execute(
-                update(Job)
-                .where(Job.id == self.job_id)
-                .values(
-                    step=event["step"],
-                    total_steps=event["total_steps"],
-                    epoch=event["epoch"],
-                    metrics=metrics,
-                    eta_s=event["eta_s"],
-                    updated_at=utcnow(),
-                )
-            )
-            self.pending_metrics = event
-            return
-        if kind == "started":
-            session.execute(
-                update(Job)
-                .where(Job.id == self.job_id)
-                .values(total_steps=event["total_steps"], step=event["step"], epoch=event["epoch"])
-            )
-        elif kind == "checkpoint":
-            path = Path(event["path"]).resolve().relative_to(self.settings.artifacts)
-            checkpoint_id = new_id("ckpt")
-            session.add(
-                Checkpoint(
-                    id=checkpoint_id,
-                    job_id=self.job_id,
-                    step=event["step"],
-                    epoch=event["epoch"],
-                    final=event["final"],
-                    path=str(path),
-                    size_bytes=event["size_bytes"],
-                    sha256=event["sha256"],
-                    metrics={"loss": event.get("loss")},
-                )
-            )
-            session.flush()
-            if self._labelled(session):
-                self.to_evaluate.append(checkpoint_id)
-            self._mark_pruned(session)
-            event = {**event, "path": str(path)}
-        append_event(session, self.job_id, kind, event)
-
-    def _labelled(self, session: Any) -> bool:
-        """Whether the job's dataset has classes (checked once): only then is a quality
-        report possible."""
-        if self.labelled is None:
-            job = session.get(Job, self.job_id)
-            dataset = session.get(Dataset, job.dataset_id) if job is not None else None
-            self.labelled = bool(dataset is not None and dataset.classes)
-        return self.labelled
-
-    def _enqueue_evaluations(self) -> None:
-        """After the commit, so the task finds the rows; a broker error loses only a report
-        (it can be requested again with POST /v1/checkpoints/{id}/evaluate)."""
-        pending, self.to_evaluate = self.to_evaluate, []
-        for checkpoint_id in pending:
-            try:
-                enqueue_evaluation(checkpoint_id)
-            except Exception:
-                log.warning("could not enqueue the evaluation of %s", checkpoint_id, exc_info=True)
-
-    def _record_checkpoint(self, session: Any, event: dict[str, Any], path: str) -> None:
-        """One row per (step, final); a file written again at the same step (a resumed
-        run that re-saves it) updates the row."""
-        values = {"epoch": event["epoch"], "path": path, "size_bytes": event["size_bytes"],
-                  "sha256": event["sha256"], "metrics": {"loss": event.get("loss")},
-                  "available": True}
-        row = session.query(Checkpoint).filter_by(
-            job_id=self.job_id, step=event["step"], final=event["final"]).one_or_none()
-        if row is None:
-            session.add(Checkpoint(id=new_id("ckpt"), job_id=self.job_id, step=event["step"],
-                                   final=event["final"], **values))
-        else:
-            for key, value in values.items():
-                setattr(row, key, value)
-        session.flush()
-
-    def _mark_pruned(self, session: Any) -> None:
-        rows = session.query(Checkpoint).filter(
-            Checkpoint.job_id == self.job_id, Checkpoint.available.is_(True)
-        )
-        for row in rows:
-            if not (self.settings.artifacts / row.path).exists():
-                row.available = False
-
-
-def _start_child(run_dir: Path) -> subprocess.Popen[bytes]:
-    log_file = (run_dir / "train.log").open("ab")
-    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}  # see swav_core/cli.py
-    return subprocess.Popen(
-        [sys.executable, "-m", "worker.train_child", str(run_dir)],
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _kill_group(process: subprocess.Popen[bytes], sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, sig)
-
-
 @app.task(name=TRAIN_TASK)
 def run_job(job_id: str) -> None:
-    settings = get_settings()
-    owner = f"{socket.gethostname()}:{os.getpid()}"
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.status != "queued":
-            return  # a duplicate delivery, or cancelled while queued
-        claimed = change_status(
-            session,
-            job_id,
-            "running",
-            expected=("queued",),
-            attempt=job.attempt + 1,
-            started_at=job.started_at or utcnow(),
-            lease_owner=owner,
-            fencing_token=job.fencing_token + 1,
-        )
-        if not claimed:
-            return
-        config, dataset_id = job.config, job.dataset_id
+    """Train the job under a lease (worker/runner.py); a duplicate delivery does nothing."""
+    from worker import celery_app, runner
 
-    run_dir = settings.job_dir(job_id) / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "STOP").unlink(missing_ok=True)
-    (run_dir / "outcome.json").unlink(missing_ok=True)
-    spec = {"config": config, "data_dir": str(dataset_images_dir(settings, dataset_id))}
-    (run_dir / "job.json").write_text(json.dumps(spec))
-
-    relay = Relay(job_id, run_dir, settings)
-    relay.start_at_end()
-    started = time.monotonic()
-    child = _start_child(run_dir)
-    cancel_at: float | None = None
+    supervisor = celery_app.SUPERVISOR
+    if supervisor is not None:
+        supervisor.current_job = job_id
     try:
-        while child.poll() is None:
-            time.sleep(settings.poll_interval_s)
-            relay.poll()
-            with session_scope() as session:
-                status = session.get(Job, job_id).status  # type: ignore[union-attr]
-            if status == "cancelling" and cancel_at is None:
-                (run_dir / "STOP").touch()
-                cancel_at = time.monotonic()
-            if cancel_at is not None and time.monotonic() - cancel_at > settings.cancel_grace_s:
-                _kill_group(child, signal.SIGKILL)
+        runner.run_job(job_id, get_settings())
     finally:
-        if child.poll() is None:
-            _kill_group(child, signal.SIGKILL)
-            child.wait()
-    relay.poll(flush=True)
-    _finish(job_id, run_dir, child.returncode, time.monotonic() - started, cancel_at is not None)
-
-
-def _finish(job_id: str, run_dir: Path, returncode: int, seconds: float, cancelled: bool) -> None:
-    outcome_path = run_dir / "outcome.json"
-    outcome = json.loads(outcome_path.read_text()) if outcome_path.exists() else None
-    with session_scope() as session:
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(compute_seconds=Job.compute_seconds + seconds, lease_owner=None)
-        )
-        if outcome is not None and outcome["status"] == "completed":
-            change_status(session, job_id, "succeeded", eta_s=0.0)
-        elif outcome is not None and outcome["status"] == "stopped" and cancelled:
-            change_status(session, job_id, "cancelled")
-        elif outcome is not None and outcome["status"] == "failed":
-            error = outcome["error"]
-            change_status(
-                session, job_id, "failed", error_code=error["code"], error_message=error["message"]
-            )
-        elif cancelled:
-            change_status(session, job_id, "cancelled")
-        else:
-            change_status(
-                session,
-                job_id,
-                "failed",
-                error_code="internal",
-                error_message=f"the training process exited with code {returncode} "
-                "without a result; see train.log",
-            )
+        if supervisor is not None:
+            supervisor.current_job = None
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -419,7 +249,8 @@ def embed_dataset(embedding_job_id: str) -> None:
         checkpoint = session.get(Checkpoint, row.checkpoint_id)
         layer, normalize, dataset_id = row.layer, row.normalize, row.dataset_id
         checkpoint_path = settings.artifacts / checkpoint.path if checkpoint else None
-    if checkpoint_path is None or not checkpoint_path.is_file():
+    store = artifact_store(settings)
+    if checkpoint_path is None or not store.fetch(checkpoint_path):
         _finish_embedding(
             embedding_job_id, "failed", error_code="checkpoint_gone",
             error_message="the checkpoint is no longer on disk (pruned or removed); "
@@ -429,9 +260,10 @@ def embed_dataset(embedding_job_id: str) -> None:
     import numpy as np
 
     try:
-        matrix, files = compute_embeddings(
-            checkpoint_path, dataset_images_dir(settings, dataset_id), layer, normalize
-        )
+        images = dataset_images_dir(settings, dataset_id)
+        if not images.is_dir():
+            store.restore(images)
+        matrix, files = compute_embeddings(checkpoint_path, images, layer, normalize)
         folder = embeddings_dir(settings, embedding_job_id)
         folder.mkdir(parents=True, exist_ok=True)
         _write_atomically(folder / INDEX_FILE, lambda f: f.write(json.dumps(files).encode()))
@@ -472,10 +304,17 @@ def evaluate_checkpoint(checkpoint_id: str) -> None:
             return
         path = settings.artifacts / checkpoint.path
         images = dataset_images_dir(settings, job.dataset_id)
+        job_id, keep_best_by = job.id, job.keep_best_by
     from swav_core.checkpoint import load_model
     from swav_core.evaluate import evaluate_model
 
     try:
+        store = artifact_store(settings)
+        if not images.is_dir():
+            store.restore(images)
+        if not store.fetch(path):
+            log.warning("checkpoint %s not evaluated: its file is gone", checkpoint_id)
+            return
         model, config = load_model(path)
         report = evaluate_model(model, images, size=config.size_crops[0])
     except SwavError as error:
@@ -486,3 +325,34 @@ def evaluate_checkpoint(checkpoint_id: str) -> None:
         session.execute(
             update(Checkpoint).where(Checkpoint.id == checkpoint_id).values(quality=quality)
         )
+        if keep_best_by:
+            keep_best_checkpoint(session, settings, job_id)
+
+
+def keep_best_checkpoint(session: Any, settings: Settings, job_id: str) -> None:
+    """Flag and pin the job's checkpoint with the highest `keep_best_by` metric.
+
+    Among evaluated checkpoints still on disk (a later step wins a tie), the best one is
+    pinned so that the trainer's pruning keeps it; the previous best is unpinned and
+    pruned like any other once past `keep_last`. The job row is locked so that concurrent
+    evaluations of one job agree on the result.
+    """
+    from swav_core.checkpoint import prune_checkpoints, set_pinned
+
+    job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one()
+    metric = job.keep_best_by
+    rows = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)).all()
+    on_disk = [r for r in rows if r.available and (settings.artifacts / r.path).exists()]
+    scored = [r for r in on_disk if r.quality and r.quality.get(metric) is not None]
+    if not scored:
+        return
+    best = max(scored, key=lambda r: (r.quality[metric], r.step))
+    for row in rows:
+        row.best = row.id == best.id
+        if not row.final and row in on_disk:
+            set_pinned(settings.artifacts / row.path, row.best)
+    run_dir = settings.job_dir(job_id) / "run"
+    prune_checkpoints(run_dir, int(job.config.get("keep_last", 1)))
+    for row in rows:
+        if row.available and not (settings.artifacts / row.path).exists():
+            row.available = False

@@ -5,11 +5,23 @@ of the worker and lets a stuck run be killed. It reads RUN_DIR/job.json (config 
 data folder), trains with swav_core, and writes RUN_DIR/outcome.json: {"status":
 "completed"|"stopped"} or {"status": "failed", "error": {"code", "message"}}. Events go
 to RUN_DIR/events.jsonl, which the worker relays into the database.
+
+Under torch's launcher (worker/launch.py: several ranks, or several nodes) every rank runs
+this module; job.json may then name the training folder (`run_dir`, shared by the nodes)
+apart from the node's own folder of control files (job.json, STOP, outcome.json). Local
+rank 0 writes the node's outcome, and another rank only a failure that comes first.
 """
 
 from __future__ import annotations
 
-import json
+import os
+
+from worker.launch import die_with_parent
+
+if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank of torch's launcher: before torch loads,
+    die_with_parent()  # so that a launcher killed meanwhile leaves no orphan rank
+
+import json  # noqa: E402
 import sys
 import traceback
 from pathlib import Path
@@ -19,8 +31,19 @@ from swav_core.config import TrainConfig
 from swav_core.errors import SwavError
 from swav_core.trainer import StopFile, spawn, train
 
+# How gloo and NCCL report a peer rank that went away (its process or machine died): the
+# run failed because another node was lost, not because of anything on this one.
+PEER_LOST_MARKERS = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "remote process exited or there was a network error",
+)
+
 
 def outcome_for(error: BaseException) -> dict[str, object]:
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and any(marker in str(error) for marker in PEER_LOST_MARKERS):
+        return {"status": "failed", "error": {"code": "rank_lost", "message": str(error)}}
     if isinstance(error, SwavError):
         return {"status": "failed", "error": {"code": error.code, "message": str(error)}}
     if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
@@ -31,12 +54,13 @@ def outcome_for(error: BaseException) -> dict[str, object]:
     }
 
 
-def main(run_dir: Path) -> int:
-    spec = json.loads((run_dir / "job.json").read_text())
+def main(control_dir: Path) -> int:
+    spec = json.loads((control_dir / "job.json").read_text())
     config = TrainConfig.model_validate(spec["config"])
     data_dir = Path(spec["data_dir"])
+    run_dir = Path(spec.get("run_dir", control_dir))
     nprocs = int(spec.get("nprocs", 1))
-    stop = StopFile(run_dir / "STOP")
+    stop = StopFile(control_dir / "STOP")
     try:
         if nprocs > 1:
             status = spawn(config, data_dir, run_dir, nprocs, should_stop=stop)["status"]
@@ -46,8 +70,13 @@ def main(run_dir: Path) -> int:
     except Exception as error:  # every failure is recorded for the worker, with its reason
         traceback.print_exc()
         outcome = outcome_for(error)
-    atomic_write_bytes(run_dir / "outcome.json", json.dumps(outcome).encode())
-    return 0 if outcome["status"] != "failed" else 1
+    failed = outcome["status"] == "failed"
+    path = control_dir / "outcome.json"
+    node_main = os.environ.get("LOCAL_RANK", "0") == "0"
+    first_failure = failed and not path.exists()  # later ones mostly echo it (peer gone)
+    if first_failure or (node_main and not failed):
+        atomic_write_bytes(path, json.dumps(outcome).encode())
+    return 0 if not failed else 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Checkpoints of a job, and their download as the training state or as safetensors.
 
-`full` is the stored training checkpoint (.pt, loads with `torch.load(weights_only=True)`).
+`full` is the stored training checkpoint (.pt, loads with `torch.load(weights_only=True)`),
+streamed from the S3 store when there is one (api/storage.py).
 `safetensors` (the whole SwAV model, its config in the metadata) and `backbone` (the
 backbone alone, loadable into torchvision) are exported on first request, next to the
 checkpoint (`<name>.model.safetensors`, `<name>.backbone.safetensors`), and reused. The
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -26,6 +27,7 @@ from api.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
 from api.routes.jobs import find_job
 from api.schemas import CheckpointPublic, CheckpointsPublic
 from api.settings import Settings
+from api.storage import artifact_store
 from swav_core.errors import CheckpointError
 
 router = APIRouter(tags=["checkpoints"])
@@ -62,12 +64,15 @@ def list_checkpoints(
     tenant: TenantDep,
     limit: LimitQuery = DEFAULT_LIMIT,
     cursor: CursorQuery = None,
+    include_pruned: Annotated[
+        bool, Query(description="Also list pruned checkpoints (their metrics and quality).")
+    ] = False,
 ) -> CheckpointsPublic:
     """The job's checkpoints still on disk, newest first (older ones are pruned)."""
     find_job(session, tenant, job_id)
-    statement = select(Checkpoint).where(
-        Checkpoint.job_id == job_id, Checkpoint.available.is_(True)
-    )
+    statement = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    if not include_pruned:
+        statement = statement.where(Checkpoint.available.is_(True))
     rows, next_cursor = paginate(session, statement, Checkpoint, limit, cursor)
     return CheckpointsPublic(
         data=[CheckpointPublic.from_row(r) for r in rows], next_cursor=next_cursor
@@ -90,10 +95,11 @@ def _gone(checkpoint_id: str) -> ApiError:
 
 
 def stored_path(settings: Settings, row: Checkpoint) -> Path | None:
-    """The checkpoint file under the artifacts folder, or None if it is not there."""
+    """The checkpoint file under the artifacts folder, or None if it is not there. With
+    an S3 store (api/storage.py), a file this machine lacks is fetched from it first."""
     root = settings.artifacts
     path = (root / row.path).resolve()
-    if not path.is_relative_to(root) or not path.is_file():
+    if not path.is_relative_to(root) or not artifact_store(settings).fetch(path):
         return None
     return path
 
@@ -142,12 +148,27 @@ def download_checkpoint(
         DownloadFormat,
         Query(description="full: training state (.pt); safetensors: model; backbone."),
     ] = DownloadFormat.full,
-) -> FileResponse:
+) -> Response:
     row = find_checkpoint(session, tenant, checkpoint_id)
+    stem = f"{row.job_id}-{Path(row.path).stem}"
+    store = artifact_store(settings)
+    if store.remote and format is DownloadFormat.full:
+        opened = store.stream(settings.artifacts / row.path) if row.available else None
+        if opened is None:
+            raise _gone(checkpoint_id)
+        size, chunks = opened
+        return StreamingResponse(
+            chunks,
+            media_type="application/octet-stream",
+            headers={
+                "Content-Length": str(size),
+                "Content-Disposition": f'attachment; filename="{stem}.pt"',
+                "X-Checksum-SHA256": row.sha256,
+            },
+        )
     path = stored_path(settings, row) if row.available else None
     if path is None:
         raise _gone(checkpoint_id)
-    stem = f"{row.job_id}-{Path(row.path).stem}"
     if format is DownloadFormat.full:
         return FileResponse(
             path,

@@ -16,6 +16,8 @@ refer to it (their `dataset_id` must stay valid): then the row is kept with stat
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,9 +31,11 @@ from starlette.requests import ClientDisconnect
 
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, not_found
+from api.limits import human_bytes, storage_error, storage_left
 from api.models import ACTIVE_JOB_STATUSES, Dataset, Job, new_id, utcnow
 from api.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
 from api.schemas import DatasetPublic, DatasetsPublic
+from api.settings import Settings
 from worker.dispatch import enqueue_ingest
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -42,6 +46,7 @@ ARCHIVE_EXTENSIONS = (".tar.gz", ".tgz", ".zip", ".tar")  # longest suffix first
 # multipart caps each at 4 KiB) and the short `name` field.
 MULTIPART_OVERHEAD = 16 * 1024
 MAX_FIELD_BYTES = 1024
+FORM_FIELDS = ("file", "name")
 FLUSH_BYTES = 1 << 20  # hand the parser 1 MiB at a time, off the event loop
 
 
@@ -56,20 +61,11 @@ def find_dataset(session: Session, tenant: str, dataset_id: str, lock: bool = Fa
     return row
 
 
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} bytes"
-
-
 def _too_large(cap: int) -> ApiError:
     return ApiError(
         413,
         "payload_too_large",
-        f"the upload exceeds the {_human(cap)} limit ({cap} bytes, SWAV_MAX_UPLOAD_BYTES); "
+        f"the upload exceeds the {human_bytes(cap)} limit ({cap} bytes, SWAV_MAX_UPLOAD_BYTES); "
         "upload a smaller archive",
         "file",
     )
@@ -84,13 +80,21 @@ class UploadParser:
     """Streams a multipart/form-data body: the `file` part to disk, small fields to memory.
 
     Feed it with `write(chunk)`, then call `finish()`. Raises ApiError as soon as the
-    body breaks a rule (archive type, size cap, oversized field), so the caller can stop
-    reading.
+    body breaks a rule (archive type, size cap, oversized or unknown field), so the caller
+    can stop reading. `too_large` is the error for a file over `max_file_bytes` (default:
+    413 for the upload cap).
     """
 
-    def __init__(self, boundary: bytes, folder: Path, max_file_bytes: int) -> None:
+    def __init__(
+        self,
+        boundary: bytes,
+        folder: Path,
+        max_file_bytes: int,
+        too_large: Callable[[], ApiError] | None = None,
+    ) -> None:
         self.folder = folder
         self.max_file_bytes = max_file_bytes
+        self.too_large = too_large or partial(_too_large, max_file_bytes)
         self.fields: dict[str, bytes] = {}
         self.filename: str | None = None
         self.extension: str | None = None
@@ -157,6 +161,14 @@ class UploadParser:
         _, options = parse_options_header(self._headers.get("content-disposition", b""))
         name = options.get(b"name", b"").decode("utf-8", "replace")
         self._part_name = name
+        if name not in FORM_FIELDS:
+            field = name[:100]
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"{field}: unknown field; send only `file` and optionally `name`",
+                field or None,
+            )
         if name != "file":
             return
         if self.filename is not None:
@@ -179,7 +191,7 @@ class UploadParser:
         if self._part_name == "file" and self._out is not None:
             self.file_bytes += end - start
             if self.file_bytes > self.max_file_bytes:
-                raise _too_large(self.max_file_bytes)
+                raise self.too_large()
             self._out.write(data[start:end])
             return
         self._part_value += data[start:end]
@@ -247,6 +259,7 @@ UPLOAD_BODY = {
     response_model=DatasetPublic,
     openapi_extra=UPLOAD_BODY,
     responses={
+        403: {"description": "Over the tenant's stored-bytes limit (`storage_limit_exceeded`)."},
         413: {"description": "Larger than SWAV_MAX_UPLOAD_BYTES (`payload_too_large`)."},
         415: {"description": "Not multipart, or not a zip/tar archive."},
         503: {"description": "The broker did not take the validation task."},
@@ -268,21 +281,26 @@ async def upload_dataset(
     if not boundary:
         raise ApiError(400, "invalid_multipart", "the Content-Type header has no boundary")
     cap = settings.max_upload_bytes
+    too_large: Callable[[], ApiError] = partial(_too_large, cap)
+    left = await run_in_threadpool(_storage_left, session, settings, tenant)
+    if left is not None and left < cap:  # the tenant's stored-bytes limit binds first: 403
+        limit = settings.tenant_max_stored_bytes
+        cap, too_large = left, partial(storage_error, limit - left, limit, left)
     body_cap = cap + MULTIPART_OVERHEAD
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > body_cap:
-        raise _too_large(cap)
+        raise too_large()
 
     dataset_id = new_id("ds")
     folder = settings.dataset_dir(dataset_id)
-    parser = UploadParser(boundary, folder, cap)
+    parser = UploadParser(boundary, folder, cap, too_large)
     try:
         received, pending = 0, bytearray()
         try:
             async for chunk in request.stream():
                 received += len(chunk)
                 if received > body_cap:
-                    raise _too_large(cap)
+                    raise too_large()
                 pending += chunk
                 if len(pending) >= FLUSH_BYTES:
                     await run_in_threadpool(parser.write, bytes(pending))
@@ -332,6 +350,14 @@ async def upload_dataset(
             "upload it again later",
         ) from exc
     return DatasetPublic.from_row(row)
+
+
+def _storage_left(session: Session, settings: Settings, tenant: str) -> int | None:
+    """`storage_left`, then the connection goes back to the pool while the body streams."""
+    try:
+        return storage_left(session, settings, tenant)
+    finally:
+        session.rollback()
 
 
 def _broker_failed(session: Session, row: Dataset, folder: Path) -> None:

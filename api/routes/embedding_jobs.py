@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, not_found
+from api.limits import storage_left
 from api.models import Checkpoint, Dataset, EmbeddingJob, Job, new_id
 from api.routes.checkpoints import find_checkpoint, stored_path
 from api.routes.datasets import find_dataset
@@ -109,6 +110,7 @@ def find_embedding_job(session: Session, tenant: str, embedding_job_id: str) -> 
     status_code=202,
     response_model=EmbeddingJobPublic,
     responses={
+        403: {"description": "Over the tenant's stored-bytes limit (`storage_limit_exceeded`)."},
         404: {"description": "No such job, checkpoint (of this job) or dataset."},
         409: {"description": "No checkpoint yet (`model_not_ready`), or the dataset is not "
               "ready (`dataset_not_ready`)."},
@@ -127,6 +129,7 @@ def create_embedding_job(
     job = find_job(session, tenant, job_id)
     checkpoint = pick_checkpoint(session, settings, job, payload.checkpoint_id)
     dataset = ready_dataset(session, tenant, payload.dataset_id or job.dataset_id)
+    storage_left(session, settings, tenant)
     row = EmbeddingJob(
         id=new_id("emb"),
         tenant=tenant,

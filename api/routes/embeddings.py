@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
@@ -22,6 +22,7 @@ from starlette.requests import ClientDisconnect
 from api.deps import SettingsDep, TenantDep
 from api.embedding_service import EmbeddingService, EncodingFormat, Layer
 from api.errors import ApiError, validation_error
+from api.limits import RateLimiter, rate_limited
 from api.settings import Settings
 
 router = APIRouter(tags=["embeddings"])
@@ -127,6 +128,23 @@ def get_service(request: Request) -> EmbeddingService:
         service = EmbeddingService(get_settings())
         request.app.state.embedding_service = service
     return service
+
+
+async def limit_rate(request: Request, settings: SettingsDep, tenant: TenantDep) -> None:
+    """ApiError 429 with Retry-After when the tenant is over its embedding request rate.
+
+    Runs before the body is read, so a refused request costs no parsing or decoding; on
+    the event loop, so the bucket table is made once.
+    """
+    if not settings.tenant_embed_rate_per_s:
+        return
+    limiter: RateLimiter | None = getattr(request.app.state, "embedding_rate_limiter", None)
+    if limiter is None:
+        limiter = RateLimiter(settings.tenant_embed_rate_per_s, settings.tenant_embed_burst)
+        request.app.state.embedding_rate_limiter = limiter
+    wait_s = limiter.acquire(tenant)
+    if wait_s > 0:
+        raise rate_limited(settings, wait_s)
 
 
 def body_cap(settings: Settings, base64: bool) -> int:
@@ -244,8 +262,10 @@ async def read_multipart(
         410: {"description": "The checkpoint was pruned (`checkpoint_gone`)."},
         413: {"description": "Too many images, or one too large (bytes or pixels)."},
         415: {"description": "Neither JSON nor multipart/form-data."},
+        429: {"description": "Over the tenant's request rate (`rate_limited`); see Retry-After."},
         503: {"description": "The model's queue is full (`overloaded`); see Retry-After."},
     },
+    dependencies=[Depends(limit_rate)],
 )
 async def create_embeddings(
     request: Request, settings: SettingsDep, tenant: TenantDep
@@ -278,5 +298,6 @@ async def create_embeddings(
 
 @router.get("/v1/embeddings/stats", response_model=EmbeddingStats)
 async def embedding_stats(request: Request) -> EmbeddingStats:
-    """Counters of this API process (forward passes, images, cache): for monitoring."""
+    """Counters of this API process (forward passes, images, cache), all tenants together:
+    for monitoring; any valid API key may read them."""
     return EmbeddingStats.model_validate(get_service(request).stats_dict())

@@ -27,8 +27,10 @@ from starlette.concurrency import run_in_threadpool
 from api.db import get_sessionmaker
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, not_found, validation_error
+from api.limits import check_active_jobs, lock_tenant, storage_left
 from api.models import (
     JOB_STATUSES,
+    MAX_INTEGER,
     TERMINAL_JOB_STATUSES,
     IdempotencyRecord,
     Job,
@@ -68,9 +70,12 @@ def find_job(session: Session, tenant: str, job_id: str) -> Job:
 
 
 def resolve_config(preset: str | None, overrides: dict[str, Any]) -> TrainConfig:
-    """The full TrainConfig of a request, or ApiError 422 `invalid_config` naming the field."""
+    """The full TrainConfig of a request, or ApiError 422 `invalid_config` naming the field.
+
+    `epochs` is also a column of the job (an Integer), so it is capped at MAX_INTEGER.
+    """
     try:
-        return config_from(preset, **overrides)
+        config = config_from(preset, **overrides)
     except KeyError as exc:  # only an unknown preset: validation errors are ValidationError
         raise ApiError(
             422,
@@ -81,6 +86,11 @@ def resolve_config(preset: str | None, overrides: dict[str, Any]) -> TrainConfig
         ) from exc
     except ValidationError as exc:
         raise validation_error(exc.errors(), prefix="config", code="invalid_config") from exc
+    if config.epochs > MAX_INTEGER:
+        raise ApiError(
+            422, "invalid_config", f"config.epochs: at most {MAX_INTEGER}", "config.epochs"
+        )
+    return config
 
 
 def request_hash(payload: JobCreate) -> str:
@@ -100,13 +110,15 @@ def _replay(record: IdempotencyRecord, digest: str) -> JSONResponse:
 
 
 def _enqueue_or_fail(session: Session, job_id: str) -> None:
-    """Send the job to the broker; if it is unreachable, fail the job and answer 503.
+    """Send the job to the broker (one message per node, to the queue of its size); if
+    it is unreachable, fail the job and answer 503.
 
     The job is failed rather than left queued: nothing would ever pick it up. It can be
     resumed once the broker is back.
     """
     try:
-        enqueue_job(job_id)
+        job = session.get(Job, job_id)
+        enqueue_job(job_id, job.gpus if job else 1, job.nodes if job else 1)
     except Exception as exc:
         message = "the task broker was unreachable; resume the job once it is back"
         change_status(
@@ -126,14 +138,17 @@ def _enqueue_or_fail(session: Session, job_id: str) -> None:
     status_code=201,
     response_model=JobPublic,
     responses={
+        403: {"description": "Over the tenant's stored-bytes limit (`storage_limit_exceeded`)."},
         404: {"description": "No such dataset."},
         409: {"description": "`dataset_not_ready`, or `idempotency_conflict`."},
         422: {"description": "`invalid_config` (param names the field) or `invalid_request`."},
+        429: {"description": "The tenant has its limit of active jobs (`too_many_active_jobs`)."},
     },
 )
 def create_job(
     payload: JobCreate,
     session: SessionDep,
+    settings: SettingsDep,
     tenant: TenantDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Any:
@@ -145,6 +160,16 @@ def create_job(
             return _replay(record, digest)
 
     config = resolve_config(payload.preset, payload.config)
+    world_size = payload.resources.gpus * payload.resources.nodes
+    if config.batch_size % world_size:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"resources: config.batch_size={config.batch_size} does not split over "
+            f"{world_size} ranks (gpus x nodes); use a batch size that is a multiple of "
+            f"{world_size}, or other resources",
+            "resources",
+        )
     if payload.metadata is not None and len(json.dumps(payload.metadata)) > MAX_METADATA_BYTES:
         raise ApiError(
             422,
@@ -152,6 +177,9 @@ def create_job(
             f"metadata: at most {MAX_METADATA_BYTES} bytes of JSON",
             "metadata",
         )
+    lock_tenant(session, tenant)  # until commit: the count below stays true for the insert
+    check_active_jobs(session, settings, tenant)
+    storage_left(session, settings, tenant)
     dataset = find_dataset(session, tenant, payload.dataset_id, lock=True)
     if dataset.status != "ready":
         raise ApiError(
@@ -161,6 +189,15 @@ def create_job(
             + ("; wait until it is ready" if dataset.status == "validating" else "")
             + (f": {dataset.error_message}" if dataset.error_message else ""),
             "dataset_id",
+        )
+
+    if payload.keep_best_by is not None and not dataset.classes:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"keep_best_by needs a labelled dataset, and dataset {dataset.id} has no class "
+            "folders; upload images as <class>/<image> or leave keep_best_by out",
+            "keep_best_by",
         )
 
     job = Job(
@@ -177,6 +214,11 @@ def create_job(
         epochs=config.epochs,
         attempt=0,
         compute_seconds=0.0,
+        keep_best_by=payload.keep_best_by,
+        max_attempts=payload.max_attempts,
+        max_runtime_s=payload.max_runtime_s,
+        gpus=payload.resources.gpus,
+        nodes=payload.resources.nodes,
     )
     session.add(job)
     session.flush()
@@ -303,9 +345,15 @@ def ensure_dataset_usable(session: Session, tenant: str, dataset_id: str) -> Non
     "/{job_id}/resume",
     status_code=202,
     response_model=JobPublic,
-    responses={409: {"description": "`job_not_resumable`, or `dataset_not_ready`."}},
+    responses={
+        403: {"description": "Over the tenant's stored-bytes limit (`storage_limit_exceeded`)."},
+        409: {"description": "`job_not_resumable`, or `dataset_not_ready`."},
+        429: {"description": "The tenant has its limit of active jobs (`too_many_active_jobs`)."},
+    },
 )
-def resume_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+def resume_job(
+    job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> JobPublic:
     """Queue a cancelled or failed job again; it continues from its latest checkpoint."""
     job = find_job(session, tenant, job_id)
     if job.status not in RESUMABLE:
@@ -316,6 +364,9 @@ def resume_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic
             "job_id",
         )
     ensure_dataset_usable(session, tenant, job.dataset_id)
+    lock_tenant(session, tenant)
+    check_active_jobs(session, settings, tenant)
+    storage_left(session, settings, tenant)
     # The one move out of a terminal state, so not change_status: a compare-and-set of its own.
     result = session.execute(
         update(Job)
@@ -406,10 +457,13 @@ def list_events(
     session: SessionDep,
     settings: SettingsDep,
     tenant: TenantDep,
-    after: Annotated[int, Query(ge=0, description="Only events with a larger seq.")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=MAX_INTEGER, description="Only events with a larger seq.")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     last_event_id: Annotated[
-        int | None, Header(alias="Last-Event-ID", ge=0, description="SSE reconnection.")
+        int | None,
+        Header(alias="Last-Event-ID", ge=0, le=MAX_INTEGER, description="SSE reconnection."),
     ] = None,
 ) -> Response | EventsPublic:
     """The job's events in order (seq 1, 2, ...); page with `after` = `next_cursor`."""

@@ -449,8 +449,14 @@ function jobView(main, jobId, signal) {
     return !TERMINAL.has(job.status);
   }, signal);
 
+  // The table is rebuilt only when the listing changed, so a link being clicked is never
+  // swapped out under the pointer.
+  let shownCheckpoints = null;
   const renderCheckpoints = async () => {
     const rows = await getAll(`/v1/jobs/${jobId}/checkpoints?limit=200`, { signal });
+    const listing = JSON.stringify(rows);
+    if (listing === shownCheckpoints) return rows;
+    shownCheckpoints = listing;
     checkpoints.replaceChildren(...rows.sort((a, b) => b.step - a.step || b.final - a.final)
       .map((c) => h("tr", { "data-checkpoint-id": c.id },
         h("td", {}, c.step),
