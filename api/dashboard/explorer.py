@@ -52,7 +52,13 @@ from api.routes.embedding_jobs import (
     pick_checkpoint,
     ready_dataset,
 )
-from api.routes.embeddings import BODY_OVERHEAD, capped_stream, get_service, limit_rate
+from api.routes.embeddings import (
+    BODY_OVERHEAD,
+    capped_stream,
+    get_service,
+    limit_rate,
+    read_capped,
+)
 from api.routes.jobs import find_job
 from api.schemas import EmbeddingJobCreate
 from api.settings import Settings
@@ -320,10 +326,7 @@ async def read_image_part(request: Request, settings: Settings) -> bytes:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise ApiError(422, "invalid_request", "file: one image file part is required", "file")
-        data = await upload.read(limit + 1)
-        if len(data) > limit:
-            raise ApiError(413, "image_too_large", f"file: over the {limit}-byte limit", "file")
-        return data
+        return await read_capped(upload, limit, "file")
     finally:
         await form.close()
 

@@ -147,6 +147,14 @@ async def limit_rate(request: Request, settings: SettingsDep, tenant: TenantDep)
         raise rate_limited(settings, wait_s)
 
 
+async def read_capped(upload: UploadFile, limit: int, param: str) -> bytes:
+    """An uploaded image part's bytes; ApiError 413 naming `param` when over `limit`."""
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, "image_too_large", f"{param}: over the {limit}-byte limit", param)
+    return data
+
+
 def body_cap(settings: Settings, base64: bool) -> int:
     per_image = settings.max_image_bytes * 4 // 3 + 4 if base64 else settings.max_image_bytes
     return settings.max_embedding_items * per_image + BODY_OVERHEAD
@@ -236,16 +244,10 @@ async def read_multipart(
             )
         if len(files) > settings.max_embedding_items:
             raise _too_many(len(files), settings.max_embedding_items, "files")
-        limit = settings.max_image_bytes
-        payloads = []
-        for index, file in enumerate(files):
-            data = await file.read(limit + 1)
-            if len(data) > limit:
-                param = f"files.{index}"
-                raise ApiError(
-                    413, "image_too_large", f"{param}: over the {limit}-byte limit", param
-                )
-            payloads.append(data)
+        payloads = [
+            await read_capped(file, settings.max_image_bytes, f"files.{index}")
+            for index, file in enumerate(files)
+        ]
         return fields, payloads
     finally:
         await form.close()
