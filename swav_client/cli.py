@@ -238,6 +238,17 @@ def jobs_submit(
         str | None,
         typer.Option(help="Repeat a submission safely: the same key returns the same job."),
     ] = None,
+    gpus: Annotated[int, typer.Option(help="Ranks per node (GPUs, or CPU processes).")] = 1,
+    nodes: Annotated[int, typer.Option(help="Workers the job spans (gang-scheduled).")] = 1,
+    keep_best_by: Annotated[
+        str | None, typer.Option(help="knn_top1 or linear_top1: keep the best checkpoint.")
+    ] = None,
+    max_attempts: Annotated[
+        int | None, typer.Option(help="Runs after lost workers before worker_lost.")
+    ] = None,
+    max_runtime: Annotated[
+        float | None, typer.Option(help="Seconds of running time before `timeout`.")
+    ] = None,
     follow_job: FollowFlag = False,
     json_output: JsonFlag = False,
 ) -> None:
@@ -246,7 +257,9 @@ def jobs_submit(
     config = dict(parse_setting(s) for s in settings or [])
     with opts.client() as client:
         job = client.create_job(
-            dataset, preset=preset, config=config, name=name, idempotency_key=idempotency_key
+            dataset, preset=preset, config=config, name=name, idempotency_key=idempotency_key,
+            resources={"gpus": gpus, "nodes": nodes}, keep_best_by=keep_best_by,
+            max_attempts=max_attempts, max_runtime_s=max_runtime,
         )
         if follow_job:
             display.print_notice(f"submitted {job.id}")

@@ -271,14 +271,26 @@ class SwavClient:
         name: str | None = None,
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        resources: dict[str, int] | None = None,
+        keep_best_by: str | None = None,
+        max_attempts: int | None = None,
+        max_runtime_s: float | None = None,
     ) -> Job:
         """Submit a training job; `config` overrides the preset's TrainConfig fields.
+
+        `resources` is {"gpus": N, "nodes": M}; `keep_best_by`, `max_attempts` and
+        `max_runtime_s` are the job options of `POST /v1/jobs` (server defaults if None).
 
         Every call sends an Idempotency-Key (a new random one unless given): retries of
         this call reuse it, and so may a caller that repeats the call with the same key.
         """
         payload: dict[str, Any] = {"dataset_id": dataset_id, "config": config or {}}
-        for key, value in (("preset", preset), ("name", name), ("metadata", metadata)):
+        options = (
+            ("preset", preset), ("name", name), ("metadata", metadata),
+            ("resources", resources), ("keep_best_by", keep_best_by),
+            ("max_attempts", max_attempts), ("max_runtime_s", max_runtime_s),
+        )
+        for key, value in options:
             if value is not None:
                 payload[key] = value
         key = idempotency_key or str(uuid.uuid4())

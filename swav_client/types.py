@@ -67,6 +67,10 @@ class Job(Resource):
     config: dict[str, Any]
     metadata: dict[str, Any] | None = None
     compute_seconds: float
+    resources: dict[str, int] | None = None  # {"gpus": N, "nodes": M}
+    keep_best_by: str | None = None
+    max_attempts: int | None = None
+    max_runtime_s: float | None = None
 
     @property
     def finished(self) -> bool:

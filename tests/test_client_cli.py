@@ -180,8 +180,11 @@ def test_cli_against_live_service(pg_service: Service, tiny_shapes: Path, tmp_pa
     # A repeated submission with one Idempotency-Key is one job; following it after a
     # cancel exits non-zero.
     long_job = ["--json", "jobs", "submit", "--dataset", dataset["id"], "--preset",
-                "cpu-tiny", "--set", "epochs=500", "--idempotency-key", "cli-test-1"]
+                "cpu-tiny", "--set", "epochs=500", "--idempotency-key", "cli-test-1",
+                "--keep-best-by", "knn_top1", "--max-attempts", "2", "--max-runtime", "600"]
     first = json.loads(ok(swav(pg_service, *long_job)).stdout)
+    assert first["keep_best_by"] == "knn_top1" and first["max_attempts"] == 2
+    assert first["max_runtime_s"] == 600 and first["resources"] == {"gpus": 1, "nodes": 1}
     assert json.loads(ok(swav(pg_service, *long_job)).stdout)["id"] == first["id"]
     ok(swav(pg_service, "jobs", "cancel", first["id"]))
     followed_cancel = swav(pg_service, "jobs", "logs", first["id"], "--follow")
