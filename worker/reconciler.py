@@ -25,9 +25,9 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -42,14 +42,6 @@ from worker.dispatch import enqueue_job
 from worker.gang import live_ranks, release_ranks
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Repairs:
-    requeued: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    resent: int = 0
 
 
 def _task_args(message: dict[str, Any]) -> tuple[str | None, list[Any]]:
@@ -111,7 +103,7 @@ def broker_job_ids(settings: Settings) -> set[str]:
 
 def _expired_leases(settings: Settings) -> int:
     now = utcnow()
-    repairs = Repairs()
+    moved = 0
     with session_scope() as session:
         rows = session.execute(
             select(
@@ -134,13 +126,13 @@ def _expired_leases(settings: Settings) -> int:
             release_ranks(session, job_id)  # a multi-node job's next run claims them anew
             if status == "cancelling":
                 change_status(session, job_id, "cancelled", expected=("cancelling",), **fields)
-                repairs.cancelled += 1
+                moved += 1
             elif attempt < max_attempts:
                 append_event(session, job_id, "requeued", {"reason": "lease_expired",
                                                            "attempt": attempt})
                 change_status(session, job_id, "queued", expected=("running",),
                               dispatched_at=now, **fields)
-                repairs.requeued += 1
+                moved += 1
             else:
                 change_status(
                     session, job_id, "failed", expected=("running",),
@@ -150,14 +142,14 @@ def _expired_leases(settings: Settings) -> int:
                     "checkpoint is kept and POST /v1/jobs/{id}/resume starts it again",
                     **fields,
                 )
-                repairs.failed += 1
+                moved += 1
                 continue
         if status == "running":
             try:
                 enqueue_job(job_id, gpus, nodes)
             except Exception:
                 log.warning("could not send job %s; the next pass retries", job_id)
-    return repairs.requeued + repairs.failed + repairs.cancelled
+    return moved
 
 
 def _lost_messages(settings: Settings) -> int:
@@ -224,20 +216,20 @@ class Supervisor(threading.Thread):
         self.resources: dict[str, Any] = {}
 
     def run(self) -> None:
-        next_reconcile = 0.0
         step = min(self.settings.worker_heartbeat_s, self.settings.reconcile_interval_s)
-        elapsed = 0.0
-        while not self.stopped.wait(step if elapsed else 0):
+        next_reconcile = time.monotonic()
+        while True:
             try:
                 record_presence(self.worker_name, self.queues, self.current_job, self.resources)
-                if elapsed >= next_reconcile:
+                if time.monotonic() >= next_reconcile:
                     repaired = reconcile_once(self.settings)
                     if any(repaired.values()):
                         log.info("reconciler: %s", repaired)
-                    next_reconcile = elapsed + self.settings.reconcile_interval_s
+                    next_reconcile = time.monotonic() + self.settings.reconcile_interval_s
             except Exception:
                 log.warning("reconciler pass failed; retrying", exc_info=True)
-            elapsed += step
+            if self.stopped.wait(step):
+                return
 
 
 def clear_presence(name: str) -> None:

@@ -16,7 +16,6 @@ checkpoint and gives the job back to the queue without using up an attempt.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -43,7 +42,7 @@ from api.settings import Settings
 from api.storage import ArtifactStore, StorageError, artifact_store, sidecar
 from api.store import append_event, change_status
 from worker.dispatch import enqueue_evaluation, enqueue_job
-from worker.launch import NodeLaunch, child_command
+from worker.launch import NodeLaunch, child_command, die_with_parent
 
 if TYPE_CHECKING:
     from worker.gang import GangMonitor
@@ -339,23 +338,24 @@ class Relay:
             log.warning("could not enqueue the evaluation of %s", checkpoint_id, exc_info=True)
 
     def _mark_pruned(self, session: Session) -> None:
-        rows = session.scalars(
-            select(Checkpoint).where(
-                Checkpoint.job_id == self.job_id, Checkpoint.available.is_(True)
-            )
-        )
-        for row in rows:
-            if not (self.settings.artifacts / row.path).exists():
-                row.available = False
-                if self.store is not None and self.store.remote:
-                    self.pruned.append(self.settings.artifacts / row.path)
+        for path in mark_pruned(session, self.settings, self.job_id):
+            if self.store is not None and self.store.remote:
+                self.pruned.append(path)
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the worker dies (Linux), so a worker
-    killed with -9 leaves no orphan training on the job's run folder."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+def mark_pruned(session: Session, settings: Settings, job_id: str) -> list[Path]:
+    """Flag the job's checkpoint rows whose file is gone from disk as unavailable; their
+    paths (the files the trainer or keep-best pruned)."""
+    gone = []
+    rows = session.scalars(
+        select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.available.is_(True))
+    )
+    for row in rows:
+        path = settings.artifacts / row.path
+        if not path.exists():
+            row.available = False
+            gone.append(path)
+    return gone
 
 
 def start_child(run_dir: Path, command: list[str] | None = None) -> subprocess.Popen[bytes]:
@@ -368,7 +368,7 @@ def start_child(run_dir: Path, command: list[str] | None = None) -> subprocess.P
         stdout=log_file,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,  # a worker killed with -9 leaves no orphan training
     )
 
 

@@ -351,8 +351,8 @@ def keep_best_checkpoint(session: Any, settings: Settings, job_id: str) -> None:
         row.best = row.id == best.id
         if not row.final and row in on_disk:
             set_pinned(settings.artifacts / row.path, row.best)
+    from worker.runner import mark_pruned
+
     run_dir = settings.job_dir(job_id) / "run"
     prune_checkpoints(run_dir, int(job.config.get("keep_last", 1)))
-    for row in rows:
-        if row.available and not (settings.artifacts / row.path).exists():
-            row.available = False
+    mark_pruned(session, settings, job_id)

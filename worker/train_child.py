@@ -29,7 +29,7 @@ from pathlib import Path
 from swav_core.checkpoint import atomic_write_bytes
 from swav_core.config import TrainConfig
 from swav_core.errors import SwavError
-from swav_core.trainer import StopFile, spawn, train
+from swav_core.trainer import StopFile, train
 
 # How gloo and NCCL report a peer rank that went away (its process or machine died): the
 # run failed because another node was lost, not because of anything on this one.
@@ -59,13 +59,9 @@ def main(control_dir: Path) -> int:
     config = TrainConfig.model_validate(spec["config"])
     data_dir = Path(spec["data_dir"])
     run_dir = Path(spec.get("run_dir", control_dir))
-    nprocs = int(spec.get("nprocs", 1))
     stop = StopFile(control_dir / "STOP")
     try:
-        if nprocs > 1:
-            status = spawn(config, data_dir, run_dir, nprocs, should_stop=stop)["status"]
-        else:
-            status = train(config, data_dir, run_dir, should_stop=stop).status
+        status = train(config, data_dir, run_dir, should_stop=stop).status
         outcome: dict[str, object] = {"status": status}
     except Exception as error:  # every failure is recorded for the worker, with its reason
         traceback.print_exc()
