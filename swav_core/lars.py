@@ -1,11 +1,14 @@
 """LARS (You et al., 2017): SGD with momentum whose per-tensor step is scaled by a trust ratio.
 
-SwAV trains with LARS at batch 4096 (facebookresearch/swav wraps SGD in apex's LARC with
-clip=False). For each adapted tensor w with gradient g and weight decay wd:
-    d = g + wd * w,  ratio = eta * ||w|| / ||d||,  buf = momentum * buf + ratio * d,
-    w = w - lr * buf.
-Parameter groups with `adapt=False` (biases and BN weights, when excluded) take plain
-SGD with momentum and no weight decay.
+SwAV trains with LARS at batch 4096: facebookresearch/swav wraps SGD (momentum 0.9,
+weight decay wd) in apex's LARC with clip=False and trust coefficient eta = 0.001. LARC
+adapts every parameter, biases and BN weights included. For a tensor w with gradient g,
+when ||w|| > 0 and ||g|| > 0:
+    ratio = eta * ||w|| / (||g|| + wd * ||w|| + 1e-8),   d = (g + wd * w) * ratio,
+otherwise d = g (no decay, no scaling); then SGD's momentum buf = momentum * buf + d
+(buf = d at the first step) and w = w - lr * buf.
+Parameter groups with `adapt=False` (biases and BN weights when `lars_exclude_bias_bn`
+is set, as later LARS recipes do) take plain SGD with momentum and no weight decay.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+LARC_EPS = 1e-8  # apex.parallel.LARC's eps in the ratio's denominator
 
 
 class LARS(torch.optim.Optimizer):
@@ -47,17 +52,7 @@ class LARS(torch.optim.Optimizer):
                     continue
                 d = p.grad
                 if group["adapt"]:
-                    d = d.add(p, alpha=group["weight_decay"])
-                    param_norm, update_norm = (
-                        torch.linalg.vector_norm(p),
-                        torch.linalg.vector_norm(d),
-                    )
-                    ratio = torch.where(
-                        (param_norm > 0) & (update_norm > 0),
-                        group["eta"] * param_norm / update_norm,
-                        torch.ones_like(param_norm),
-                    )
-                    d = d * ratio
+                    d = _larc_direction(p, d, group["weight_decay"], group["eta"])
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = d.clone()
@@ -65,6 +60,17 @@ class LARS(torch.optim.Optimizer):
                     state["momentum_buffer"].mul_(group["momentum"]).add_(d)
                 p.add_(state["momentum_buffer"], alpha=-group["lr"])
         return loss
+
+
+def _larc_direction(
+    p: torch.Tensor, grad: torch.Tensor, weight_decay: float, eta: float
+) -> torch.Tensor:
+    """(g + wd w) * eta ||w|| / (||g|| + wd ||w|| + eps), or g when either norm is zero."""
+    param_norm = torch.linalg.vector_norm(p)
+    grad_norm = torch.linalg.vector_norm(grad)
+    ratio = eta * param_norm / (grad_norm + weight_decay * param_norm + LARC_EPS)
+    adapted = grad.add(p, alpha=weight_decay) * ratio
+    return torch.where((param_norm > 0) & (grad_norm > 0), adapted, grad)
 
 
 def is_bias_or_norm(name: str, parameter: nn.Parameter) -> bool:

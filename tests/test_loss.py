@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,3 +162,70 @@ def test_queue_changes_loss_and_matches_manual_codes() -> None:
                 log_p = F.log_softmax(scores[v] / 0.1, dim=1)
                 expected -= (q * log_p).sum(dim=1).mean() / 2
     torch.testing.assert_close(with_queue, expected / 2, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- numpy oracle
+
+
+def numpy_codes(scores: np.ndarray, epsilon: float, iterations: int = 3) -> np.ndarray:
+    """facebookresearch/swav's distributed_sinkhorn on one process, in numpy float64."""
+    q = np.exp(scores / epsilon).T  # K x B, as in the paper
+    k, b = q.shape
+    q /= q.sum()
+    for _ in range(iterations):
+        q /= q.sum(axis=1, keepdims=True)
+        q /= k
+        q /= q.sum(axis=0, keepdims=True)
+        q /= b
+    return (q * b).T
+
+
+def numpy_log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def numpy_swav_loss(
+    scores: list[np.ndarray], temperature: float, epsilon: float, crops_for_assign: tuple[int, ...]
+) -> float:
+    """The reference's loop: for each assigned crop, every OTHER crop predicts its codes;
+    each sub-loss is divided by (total crops - 1), the sum by the number assigned."""
+    n_crops = len(scores)
+    loss = 0.0
+    for crop_id in crops_for_assign:
+        q = numpy_codes(scores[crop_id], epsilon)
+        subloss = 0.0
+        for v in np.delete(np.arange(n_crops), crop_id):
+            subloss -= np.mean(np.sum(q * numpy_log_softmax(scores[v] / temperature), axis=1))
+        loss += subloss / (n_crops - 1)
+    return loss / len(crops_for_assign)
+
+
+def distinct_crops(seed: int) -> list[np.ndarray]:
+    """2 + 4 crops of 6 samples over 5 prototypes, every crop's scores different."""
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(-0.6, 0.6, size=(6, 5)) for _ in range(6)]
+
+
+def test_distinct_crops_match_the_reference_loop() -> None:
+    scores = distinct_crops(21)
+    got = swav_loss([torch.from_numpy(s) for s in scores], 0.1, 0.05, 3, (0, 1))
+    assert got.item() == pytest.approx(numpy_swav_loss(scores, 0.1, 0.05, (0, 1)), rel=1e-12)
+
+
+def test_distinct_crops_golden_value() -> None:
+    """The value of the reference loop on fixed distinct crops (and the wrong variants that
+    identical crops cannot tell apart: dividing by V, or letting a crop predict itself)."""
+    scores = distinct_crops(21)
+    right = numpy_swav_loss(scores, 0.1, 0.05, (0, 1))
+    got = swav_loss([torch.from_numpy(s) for s in scores], 0.1, 0.05, 3, (0, 1)).item()
+    assert got == pytest.approx(3.3466864, abs=5e-7)
+    assert right == pytest.approx(3.3466864, abs=5e-7)
+    over_v = right * 5 / 6
+    with_self = 0.0
+    for a in (0, 1):
+        q = numpy_codes(scores[a], 0.05)
+        ce = [-np.mean(np.sum(q * numpy_log_softmax(s / 0.1), axis=1)) for s in scores]
+        with_self += sum(ce) / 5
+    with_self /= 2
+    assert abs(got - over_v) > 0.1 and abs(got - with_self) > 0.01

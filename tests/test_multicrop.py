@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from swav_core.config import config_from
 from swav_core.multicrop import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     MultiCropTransform,
-    blur_kernel_size,
     eval_transform,
     to_rgb_image,
 )
@@ -103,14 +103,62 @@ def test_one_channel_tensor_becomes_rgb() -> None:
     assert to_rgb_image(tensor).shape == (3, 20, 20)
 
 
-@pytest.mark.parametrize("size", [*range(1, 64), 96, 160, 224, 256, 512])
-def test_blur_kernel_size_odd(size: int) -> None:
-    kernel = blur_kernel_size(size)
-    assert kernel % 2 == 1
-    assert kernel >= 3
-    assert abs(kernel - 0.1 * size) <= 3  # about 10% of the crop side
+# ---------------------------------------------------------------- the paper's distributions
+# Values from the paper (appendix A) and facebookresearch/swav's scripts, written here
+# rather than read from swav_core: crops of 14-100% of the image at 224 px and of 5-14%
+# at 96 px, aspect ratio 3/4-4/3; blur with p = 0.5 and sigma uniform in [0.1, 2] px.
+PAPER_SCALES = {224: (0.14, 1.0), 96: (0.05, 0.14)}
+PAPER_SIGMA = (0.1, 2.0)
 
 
-def test_blur_kernel_paper_values() -> None:
-    assert blur_kernel_size(224) == 23
-    assert blur_kernel_size(96) == 9
+def components(transform: MultiCropTransform, kind: type) -> list:
+    found = []
+    for crop in transform.transforms:
+        for step in crop.transforms:
+            inner = step.transforms if isinstance(step, v2.RandomApply) else [step]
+            found.extend((crop, t, step) for t in inner if isinstance(t, kind))
+    return found
+
+
+def test_crop_areas_and_aspect_ratios_follow_the_paper() -> None:
+    transform = MultiCropTransform.from_config(config_from("imagenet-800ep"))
+    image = [torch.zeros(3, 400, 400)]
+    crops = components(transform, v2.RandomResizedCrop)
+    assert [tuple(c.size) for _, c, _ in crops] == [(224, 224)] * 2 + [(96, 96)] * 6
+    torch.manual_seed(0)
+    for _, crop, _ in crops[:2] + crops[2:3]:
+        low, high = PAPER_SCALES[crop.size[0]]
+        params = [crop.make_params(image) for _ in range(2000)]
+        areas = torch.tensor([p["height"] * p["width"] / 400**2 for p in params])
+        ratios = torch.tensor([p["width"] / p["height"] for p in params])
+        # integer sides round the area by at most 2/400 of each side
+        assert areas.min() >= low - 0.01 and areas.max() <= high + 0.01
+        margin = 0.05 * (high - low)  # 2000 uniform draws come this close to both ends
+        assert areas.min() <= low + margin and areas.max() >= high - margin
+        assert ratios.min() >= 0.75 - 0.02 and ratios.max() <= 4 / 3 + 0.02
+
+
+def test_blur_sigma_follows_the_paper_without_truncation() -> None:
+    """The measured spread of a blurred impulse is the sigma drawn; at the top of the range
+    it reaches 2 px (a kernel cut at +-2 sigma, 9 taps at 96 px, would stop near 1.76)."""
+    transform = MultiCropTransform.from_config(config_from("imagenet-800ep"))
+    blurs = components(transform, v2.GaussianBlur)
+    assert len(blurs) == 8
+    assert all(apply.p == 0.5 for _, _, apply in blurs)
+    impulse = torch.zeros(1, 96, 96)
+    impulse[0, 48, 48] = 1.0
+    offsets = (torch.arange(96) - 48.0) ** 2
+    torch.manual_seed(0)
+    _, blur, _ = blurs[-1]  # a 96 px crop's blur
+    sigmas = []
+    for _ in range(400):
+        out = blur(impulse)[0]
+        sigmas.append(float((out.sum(dim=0) * offsets).sum() / out.sum()) ** 0.5)
+    measured = torch.tensor(sigmas)
+    # Above ~0.6 px the sampled kernel's spread is its sigma (below, the taps at +-1 px
+    # vanish and it reads lower), so the upper quantiles of U(0.1, 2) show directly:
+    # median 1.05, 90th percentile 1.81; 400 draws put them within ~0.1.
+    assert measured.max() <= PAPER_SIGMA[1] + 0.01 and measured.max() >= 1.95
+    assert abs(float(measured.quantile(0.5)) - 1.05) < 0.1
+    assert abs(float(measured.quantile(0.9)) - 1.81) < 0.08
+    assert measured.min() <= 0.3
