@@ -29,14 +29,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from swav_core.checkpoint import (
     export_backbone_safetensors,
     export_model_safetensors,
+    load_latest_checkpoint,
     load_model,
 )
-from swav_core.config import config_from, preset_names
+from swav_core.config import TrainConfig, config_from, parse_duration, preset_names
+from swav_core.costs import estimate, measure_machine
 from swav_core.data import load_rgb, scan_image_folder
 from swav_core.embed import embed
 from swav_core.errors import SwavError
 from swav_core.evaluate import evaluate_model
-from swav_core.trainer import StopFile, TrainResult, spawn, train
+from swav_core.recipe import AUTO, DatasetStats, resolve_config
+from swav_core.spawn import StopFile, spawn
+from swav_core.trainer import TrainResult, train
 
 console = Console(stderr=True)
 
@@ -125,6 +129,8 @@ class ProgressBar:
                 lr=f"{event['lr']:.3g}",
                 ips=f"{event['images_per_s']:.1f}",
             )
+        elif kind in ("budget_fitted", "budget_refitted") and self.task is not None:
+            self.progress.update(self.task, total=event["total_steps"])
         elif kind == "dataset" and event["num_skipped"]:
             console.print(f"skipped {event['num_skipped']} files: {event['skip_reasons']}")
         elif kind in ("warning",):
@@ -137,8 +143,18 @@ def _train(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="swav-train", description="Pretrain SwAV on a folder.")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--config", type=Path, help="JSON or TOML file of TrainConfig fields")
-    source.add_argument("--preset", choices=preset_names())
+    source.add_argument(
+        "--preset",
+        choices=[AUTO, *preset_names()],
+        help="auto (the default) chooses from the data, this machine and --budget",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--budget", type=duration_argument, help="wall time instead of epochs: 1200, 20m, 1h30m"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config and estimate, no run"
+    )
     parser.add_argument("--data", type=Path, required=True, help="folder of images")
     parser.add_argument("--out", type=Path, required=True, help="run directory")
     parser.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
@@ -146,8 +162,22 @@ def _train(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
 
     fields: dict[str, Any] = read_config_file(args.config) if args.config else {}
-    preset = fields.pop("preset", None) or args.preset
-    config = config_from(preset, **{**fields, **parse_overrides(args.set)})
+    preset = fields.pop("preset", None) or args.preset or AUTO
+    overrides = {**fields, **parse_overrides(args.set)}
+    if args.budget is not None:
+        overrides["budget_s"] = args.budget
+    saved = load_latest_checkpoint(args.out) if args.resume else None
+    reasons: dict[str, str]
+    if saved is not None and preset == AUTO:  # auto chose once; the checkpoint holds it
+        config, reasons, estimate_ = TrainConfig.model_validate(saved[0]["config"]), {}, None
+    else:
+        config, reasons, estimate_ = _resolve(preset, overrides, args.data, args.nproc)
+    if args.dry_run:
+        print(json.dumps({"config": config.model_dump(mode="json"), "reasons": reasons,
+                          "estimate": estimate_}, indent=2))
+        return 0
+    for name, why in reasons.items():
+        console.print(f"[dim]auto: {name} = {getattr(config, name)!r}: {why}[/]")
     if not args.resume and any((args.out / "checkpoints").glob("*.pt")):
         raise SwavError(f"{args.out} already holds checkpoints: pass --resume or another --out")
 
@@ -195,6 +225,27 @@ def _train(argv: list[str] | None) -> int:
         f"done: {args.out / 'checkpoints' / 'final.pt'}, {args.out / 'backbone.safetensors'}"
     )
     return 0
+
+
+def duration_argument(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _resolve(
+    preset: str, overrides: dict[str, Any], data: Path, ranks: int
+) -> tuple[TrainConfig, dict[str, str], dict[str, Any] | None]:
+    """The run's config, the reasons of auto's choices and, for auto, the estimate."""
+    if preset != AUTO:
+        return config_from(preset, **overrides), {}, None
+    scan = scan_image_folder(data)
+    machine = measure_machine()
+    config, reasons = resolve_config(preset, overrides, DatasetStats.from_scan(scan), machine,
+                                     ranks)
+    cost = estimate(config, len(scan.files), machine, ranks)
+    return config, reasons, {**cost.as_dict(), "machine_gflops": machine.gflops}
 
 
 def image_paths(inputs: Sequence[Path]) -> list[Path]:

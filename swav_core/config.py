@@ -9,6 +9,7 @@ it comes from. `batch_size` is the GLOBAL batch (all ranks together); each rank 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -62,7 +63,18 @@ class TrainConfig(BaseModel):
     freeze_prototypes_unit: FreezeUnit = "iterations"
 
     # optimisation
-    epochs: int = Field(100, ge=1)
+    epochs: int = Field(
+        100, ge=1, description="Passes over the data; ignored when budget_s is set."
+    )
+    budget_s: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Wall-clock seconds for the whole run instead of a number of epochs: the step "
+            "time is measured in the first steps, then the schedule (warm-up and cosine) is "
+            "fitted to end when the budget does and recorded in a budget_fitted event."
+        ),
+    )
     batch_size: int = Field(4096, ge=1, description="Global batch size over all ranks.")
     queue_length: int = Field(
         0,
@@ -82,7 +94,11 @@ class TrainConfig(BaseModel):
     optimizer: Optimizer = "lars"
     lars_eta: float = Field(0.001, gt=0, description="LARS trust coefficient.")
     lars_exclude_bias_bn: bool = Field(
-        True, description="Skip LARS adaptation and weight decay for biases and BN weights."
+        False,
+        description=(
+            "Skip LARS adaptation and weight decay for biases and BN weights. The official "
+            "SwAV code (apex LARC) adapts and decays every parameter, hence False."
+        ),
     )
     precision: Precision = "fp32"
     sync_bn: bool = Field(True, description="SyncBatchNorm when more than one rank runs.")
@@ -201,18 +217,40 @@ def _check_same_length(name: str, value: tuple[Any, ...], info: ValidationInfo) 
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's best ImageNet setting: 2x224 + 6x96, batch 4096, 800 epochs, LARS.
+    # The paper's best ImageNet setting, as facebookresearch/swav's
+    # scripts/swav_800ep_pretrain.sh runs it: 2x224 + 6x96, batch 4096 (64 GPUs x 64),
+    # 800 epochs, LARS (apex LARC, every parameter) with warm-up from 0.3 over 10 epochs.
     "imagenet-800ep": {
         "backbone": "resnet50",
         "epochs": 800,
         "batch_size": 4096,
         "base_lr": 4.8,
         "final_lr": 0.0048,
+        "start_warmup_lr": 0.3,
         "warmup_epochs": 10,
+        "freeze_prototypes": 313,
         "queue_length": 0,
+        "optimizer": "lars",
+        "lars_exclude_bias_bn": False,
         "precision": "bf16",
     },
-    # The reference's small-batch recipe: a 3840-feature queue from epoch 15.
+    # scripts/swav_100ep_pretrain.sh: the same recipe for 100 epochs.
+    "imagenet-100ep": {
+        "backbone": "resnet50",
+        "epochs": 100,
+        "batch_size": 4096,
+        "base_lr": 4.8,
+        "final_lr": 0.0048,
+        "start_warmup_lr": 0.3,
+        "warmup_epochs": 10,
+        "freeze_prototypes": 313,
+        "queue_length": 0,
+        "optimizer": "lars",
+        "lars_exclude_bias_bn": False,
+        "precision": "bf16",
+    },
+    # scripts/swav_200ep_bs256_pretrain.sh: batch 256, a 3840-feature queue from epoch 15,
+    # prototypes frozen for the first 5005 iterations, no warm-up.
     "small-batch": {
         "backbone": "resnet50",
         "epochs": 200,
@@ -274,3 +312,21 @@ def config_from(preset: str | None = None, **overrides: Any) -> TrainConfig:
             raise KeyError(f"unknown preset {preset!r}; known presets: {', '.join(preset_names())}")
         base = dict(PRESETS[preset])
     return TrainConfig.model_validate({**base, **overrides})
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `1200`, `90s`, `20m`, `1h30m` or `2h` (a `budget_s` as people write it).
+
+    Raises ValueError naming the accepted forms.
+    """
+    match = _DURATION.fullmatch(text.strip().lower())
+    if not match or not any(match.groups()):
+        raise ValueError(f"{text!r} is not a duration: give seconds, or e.g. 20m, 1h30m, 90s")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = 3600 * hours + 60 * minutes + seconds
+    if total <= 0:
+        raise ValueError(f"{text!r}: a budget must be more than 0 seconds")
+    return total

@@ -50,8 +50,10 @@ class SkippedFile:
 class ImageFolderScan:
     """The decodable images under `root`, in sorted order, with labels when the folder has classes.
 
-    `files` are relative posix paths; `sizes` their byte sizes at scan time. `labels`
-    and `classes` are None unless every image lives under a first-level subfolder.
+    `files` are relative posix paths; `sizes` their byte sizes at scan time,
+    `dimensions` their (width, height) in pixels and `grayscale` whether each holds no
+    colour (a gray mode, or RGB with equal channels). `labels` and `classes` are None
+    unless every image lives under a first-level subfolder.
     """
 
     root: Path
@@ -60,6 +62,8 @@ class ImageFolderScan:
     classes: tuple[str, ...] | None
     skipped: tuple[SkippedFile, ...]
     sizes: tuple[int, ...]
+    dimensions: tuple[tuple[int, int], ...] = ()
+    grayscale: tuple[bool, ...] = ()
 
     def fingerprint(self) -> str:
         """sha256 over the relative paths and byte sizes: changes when the dataset does."""
@@ -84,24 +88,49 @@ class NoImagesError(DataError):
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, IndexError, TypeError, EOFError)
 
 
-def _check_image(path: Path, max_pixels: int | None) -> tuple[int, str | None]:
-    """(byte size, None) for a fully decodable allow-listed image, else (size, reason)."""
+@dataclass(frozen=True)
+class _Checked:
+    """One file's scan: its byte size, why it is skipped (None: kept), its pixels."""
+
+    size: int
+    reason: str | None
+    dimensions: tuple[int, int] = (0, 0)
+    grayscale: bool = False
+
+
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+
+
+def _is_grayscale(image: Image.Image) -> bool:
+    """A gray mode, or RGB whose channels agree: on an 8 px box-filtered thumbnail (pixel
+    noise averages out), the channels' spread is at most 8 of 255 on average."""
+    if image.mode in _GRAY_MODES:
+        return True
+    thumbnail = image.convert("RGB").resize((8, 8), Image.Resampling.BOX)
+    pixels = np.asarray(thumbnail, dtype=np.int16)
+    return bool((pixels.max(axis=2) - pixels.min(axis=2)).mean() <= 8)
+
+
+def _check_image(path: Path, max_pixels: int | None) -> _Checked:
+    """The byte size, and None with the pixel facts for a fully decodable allow-listed
+    image, else the reason it is skipped."""
     try:
         size = path.stat().st_size
     except OSError:
-        return 0, "unreadable file"
+        return _Checked(0, "unreadable file")
     if size == 0:
-        return 0, "empty file"
+        return _Checked(0, "empty file")
     try:
-        return size, _decode_problem(path, size, max_pixels)
+        return _decode_problem(path, size, max_pixels)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return size, "decompression bomb"
+        return _Checked(size, "decompression bomb")
     except OSError:
-        return size, "unreadable file"
+        return _Checked(size, "unreadable file")
 
 
-def _decode_problem(path: Path, size: int, max_pixels: int | None) -> str | None:
-    """None when Pillow fully decodes the first frame of an allow-listed format, else why not.
+def _decode_problem(path: Path, size: int, max_pixels: int | None) -> _Checked:
+    """Kept (reason None) when Pillow fully decodes the first frame of an allow-listed
+    format, else the reason it is not.
 
     The declared width x height is checked against `max_pixels` before any pixel is
     decoded, so a few bytes declaring a huge image cost nothing.
@@ -114,20 +143,20 @@ def _decode_problem(path: Path, size: int, max_pixels: int | None) -> str | None
             # JPEG is cut inside its tables; an OSError with an errno is a failed read.
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise
-            return _unidentified_reason(handle, size)
+            return _Checked(size, _unidentified_reason(handle, size))
         with image:
             if image.format not in ALLOWED_FORMATS:
-                return f"unsupported format {image.format}"
+                return _Checked(size, f"unsupported format {image.format}")
             if max_pixels is not None and image.width * image.height > max_pixels:
-                return "decompression bomb"
+                return _Checked(size, "decompression bomb")
             try:
                 image.seek(0)
                 image.load()
             except _DECODE_ERRORS as exc:
                 if _says_truncated(exc) or _declared_beyond_end(handle, size, image.format):
-                    return "truncated image"
-                return "corrupt image"
-    return None
+                    return _Checked(size, "truncated image")
+                return _Checked(size, "corrupt image")
+            return _Checked(size, None, image.size, _is_grayscale(image))
 
 
 _SIGNATURES = {
@@ -228,13 +257,17 @@ def scan_image_folder(
 
     files: list[str] = []
     sizes: list[int] = []
+    dimensions: list[tuple[int, int]] = []
+    grayscale: list[bool] = []
     skipped: list[SkippedFile] = []
-    for name, (size, reason) in zip(candidates, checks, strict=True):
-        if reason is None:
+    for name, checked in zip(candidates, checks, strict=True):
+        if checked.reason is None:
             files.append(name)
-            sizes.append(size)
+            sizes.append(checked.size)
+            dimensions.append(checked.dimensions)
+            grayscale.append(checked.grayscale)
         else:
-            skipped.append(SkippedFile(name, reason))
+            skipped.append(SkippedFile(name, checked.reason))
 
     if not files:
         raise NoImagesError(_no_images_message(skipped), tuple(skipped))
@@ -253,6 +286,8 @@ def scan_image_folder(
         classes=classes,
         skipped=tuple(skipped),
         sizes=tuple(sizes),
+        dimensions=tuple(dimensions),
+        grayscale=tuple(grayscale),
     )
 
 

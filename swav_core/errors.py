@@ -39,3 +39,18 @@ class CheckpointError(SwavError):
     """A checkpoint cannot be written or none can be read back."""
 
     code = "checkpoint_failed"
+
+
+class CollapsedError(SwavError):
+    """The features collapsed again after the last allowed rollback (see swav_core.collapse)."""
+
+    code = "collapsed"
+
+    def __init__(self, step: int, recoveries: int) -> None:
+        super().__init__(
+            f"the features collapsed at step {step} (uniform codes, one prototype predicted) "
+            f"after {recoveries} rollbacks with a sharper epsilon and a longer prototype "
+            "freeze; try a lower base_lr, fewer prototypes or milder crops"
+        )
+        self.step = step
+        self.recoveries = recoveries

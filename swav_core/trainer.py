@@ -1,19 +1,17 @@
-"""The SwAV training loop: `train(config, data_dir, run_dir)` and `spawn` for N local ranks.
+"""The SwAV training loop: `train(config, data_dir, run_dir)`.
 
-One function reads top to bottom through set-up, data, model, optimiser, resume and
-the loop; the per-step math lives in the small tested modules it calls (sinkhorn,
-loss, queue, schedule, lars). The same entry point runs alone, under torchrun, or in
-processes started by `spawn`; rank 0 writes checkpoints and events.
-
-Events are dicts with a "type" (started, dataset, metrics, epoch, checkpoint, warning,
-stopped, finished); they go to the callbacks and, on rank 0, to run_dir/events.jsonl.
+`_train` reads top to bottom through set-up, data, model, optimiser, resume and the
+loop; the per-step math lives in the small tested modules it calls (step, sinkhorn,
+loss, queue, schedule, lars), the budget fit in `budget` and collapse handling in
+`collapse`. `TrainingState` holds what a checkpoint saves and restores. The same entry
+point runs alone, under torchrun, or in processes started by `swav_core.spawn`; rank 0
+writes checkpoints and events (see `swav_core.events` for their kinds).
 """
 
 from __future__ import annotations
 
-import json
+import io
 import math
-import signal
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -22,16 +20,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from swav_core.budget import BudgetFitter, ScheduleFit
 from swav_core.checkpoint import (
     CheckpointInfo,
     capture_rng_state,
+    list_checkpoints,
+    load_checkpoint,
     load_latest_checkpoint,
     restore_rng_state,
     save_checkpoint,
+    sidecar_path,
+)
+from swav_core.collapse import (
+    MAX_RECOVERIES,
+    CollapseMonitor,
+    recovered_config,
+    window_steps,
 )
 from swav_core.config import TrainConfig
 from swav_core.data import MultiCropDataset, ShardedEpochSampler, make_loader, scan_image_folder
@@ -40,20 +47,18 @@ from swav_core.distributed import (
     all_reduce_mean,
     any_rank,
     distributed_context,
-    free_port,
     gather_tensors,
-    set_spawn_env,
 )
-from swav_core.errors import ConfigError, NonFiniteLossError
+from swav_core.errors import CollapsedError, ConfigError, NonFiniteLossError
+from swav_core.events import EventCallback, EventSink
 from swav_core.lars import LARS, parameter_groups
-from swav_core.loss import swav_loss_and_diagnostics
 from swav_core.model import SwAVModel
 from swav_core.multicrop import MultiCropTransform
 from swav_core.queue import FeatureQueue
 from swav_core.schedule import learning_rate
+from swav_core.step import swav_step
 from swav_core.sync_batchnorm import convert_batchnorm
 
-EventCallback = Callable[[dict[str, Any]], None]
 StopCallback = Callable[[], bool]
 
 # Fields that may differ between a run and its resume: they change no computed value.
@@ -67,44 +72,19 @@ RESUMABLE_CHANGES = frozenset(
         "checkpoint_at_start",
     }
 )
+# A provisional length for a budgeted run before its fit: long enough that the cosine
+# has not moved, since the measurement happens in the first percent of the run.
+_UNFITTED_TOTAL_STEPS = 1 << 40
 
 
 @dataclass(frozen=True)
 class TrainResult:
     status: Literal["completed", "stopped"]
     step: int
-    total_steps: int
+    total_steps: int | None  # None when a budgeted run stopped before its fit
     epoch: int
     loss: float | None
     checkpoint: CheckpointInfo | None
-
-
-class StopFile:
-    """A picklable stop callback: true once `path` exists (for spawned ranks and workers)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    def __call__(self) -> bool:
-        return self.path.exists()
-
-
-class EventSink:
-    """Sends events to the callbacks and appends them to events.jsonl, on rank 0 only."""
-
-    def __init__(self, run_dir: Path, callbacks: Sequence[EventCallback], enabled: bool) -> None:
-        self.path = run_dir / "events.jsonl"
-        self.callbacks = callbacks
-        self.enabled = enabled
-
-    def __call__(self, kind: str, **fields: Any) -> None:
-        if not self.enabled:
-            return
-        event = {"type": kind, "time": time.time(), **fields}
-        with self.path.open("a") as f:
-            f.write(json.dumps(event) + "\n")
-        for callback in self.callbacks:
-            callback(event)
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -117,7 +97,7 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
 
 
 def autocast_context(config: TrainConfig, device: torch.device) -> Any:
-    """bf16 autocast on CPU or CUDA, fp16 on CUDA only; Sinkhorn casts itself back to fp32."""
+    """bf16 autocast on CPU or CUDA, fp16 on CUDA only; the head and Sinkhorn stay fp32."""
     if config.precision == "fp32":
         return nullcontext()
     if config.precision == "fp16" and device.type != "cuda":
@@ -135,7 +115,9 @@ def freeze_steps(config: TrainConfig, steps_per_epoch: int) -> int:
 def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
     current = config.model_dump(mode="json")
     changed = sorted(
-        key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]
+        key
+        for key in current
+        if key not in RESUMABLE_CHANGES and saved.get(key, current[key]) != current[key]
     )
     if changed:
         raise ConfigError(
@@ -153,6 +135,133 @@ def queue_slice(saved: list[dict[str, Any]], rank: int, world_size: int) -> dict
     return {"features": features.chunk(world_size, dim=1)[rank], "filled": filled}
 
 
+def checkpoints_per_step(config: TrainConfig, steps_per_epoch: int) -> float:
+    """How many checkpoints a step causes on average (for the budget's reserve)."""
+    rate = 0.0
+    if config.checkpoint_every_epochs:
+        rate += 1 / (config.checkpoint_every_epochs * steps_per_epoch)
+    if config.checkpoint_every_steps:
+        rate += 1 / config.checkpoint_every_steps
+    return rate
+
+
+class TrainingState:
+    """Model, optimiser, scaler, queue and counters: what a checkpoint saves and restores."""
+
+    def __init__(
+        self, config: TrainConfig, model: SwAVModel, ctx: DistContext, steps_per_epoch: int
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.ctx = ctx
+        self.steps_per_epoch = steps_per_epoch
+        self.optimizer = build_optimizer(config, model)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.precision == "fp16")
+        self.initial = {k: v.clone() for k, v in model.state_dict().items()}
+        self.queue: FeatureQueue | None = None
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.loss: float | None = None
+        self.fit: ScheduleFit | None = None
+        self.recoveries: list[dict[str, Any]] = []
+        self.started_at = time.monotonic()  # moved back on resume by the time already spent
+
+    @property
+    def total_steps(self) -> int:
+        if self.fit is not None:
+            return self.fit.total_steps
+        if self.config.budget_s is not None:
+            return _UNFITTED_TOTAL_STEPS
+        return self.config.epochs * self.steps_per_epoch
+
+    @property
+    def planned_steps(self) -> int | None:
+        """total_steps, or None while a budgeted run has not been fitted yet."""
+        return None if self.total_steps == _UNFITTED_TOTAL_STEPS else self.total_steps
+
+    @property
+    def warmup_steps(self) -> int:
+        if self.fit is not None:
+            return self.fit.warmup_steps
+        return round(self.config.warmup_epochs * self.steps_per_epoch)
+
+    def learning_rate(self) -> float:
+        c = self.config
+        return learning_rate(
+            self.step, self.total_steps, self.warmup_steps, c.base_lr, c.final_lr, c.start_warmup_lr
+        )
+
+    def new_queue(self) -> FeatureQueue:
+        c = self.config
+        length = c.queue_length // self.ctx.world_size
+        return FeatureQueue(len(c.crops_for_assign), length, c.feat_dim, self.ctx.device)
+
+    def state_dict(self, dataset_fingerprint: str) -> dict[str, Any]:
+        """The checkpoint; every rank joins the queue gather, so call it on every rank."""
+        queues = None
+        if self.queue is not None:
+            gathered = gather_tensors(self.queue.features)
+            queues = [{"features": f.cpu(), "filled": self.queue.filled} for f in gathered]
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "total_steps": self.planned_steps,
+            "schedule_fit": self.fit.as_dict() if self.fit else None,
+            "elapsed_s": time.monotonic() - self.started_at,
+            "recoveries": self.recoveries,
+            "queues": queues,
+            "rng": capture_rng_state(),
+            "config": self.config.model_dump(mode="json"),
+            "dataset_fingerprint": dataset_fingerprint,
+            "world_size": self.ctx.world_size,
+            "loss": self.loss,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch, self.loss = state["batch_in_epoch"], state["loss"]
+        self.fit = ScheduleFit(**state["schedule_fit"]) if state.get("schedule_fit") else None
+        self.started_at = time.monotonic() - float(state.get("elapsed_s", 0.0))
+        self.recoveries = list(state.get("recoveries") or [])
+        self.queue = None
+        if state["queues"] is not None:
+            self.queue = self.new_queue()
+            self.queue.load_state_dict(
+                queue_slice(state["queues"], self.ctx.rank, self.ctx.world_size)
+            )
+        restore_rng_state(state["rng"])
+
+    def restart_from_scratch(self, seed: int) -> None:
+        """Back to the initial weights, step 0 (a rollback with no earlier checkpoint)."""
+        self.model.load_state_dict(self.initial)
+        self.optimizer = build_optimizer(self.config, self.model)
+        self.scaler = torch.amp.GradScaler(
+            self.ctx.device.type, enabled=self.config.precision == "fp16"
+        )
+        self.queue, self.step, self.epoch, self.batch_in_epoch, self.loss = None, 0, 0, 0, None
+        torch.manual_seed(seed)
+
+
+def recovered(config: TrainConfig, state: dict[str, Any]) -> TrainConfig:
+    """The job's config with the rollbacks recorded in a checkpoint applied."""
+    for recovery in state.get("recoveries") or []:
+        config = config.with_overrides(**recovery["overrides"])
+    return config
+
+
+def checkpoint_cost_s(state: dict[str, Any]) -> float:
+    """Seconds to serialise a checkpoint in memory, doubled for the disk write and hash."""
+    start = time.perf_counter()
+    torch.save(state, io.BytesIO())
+    return 2 * (time.perf_counter() - start)
+
+
 def train(
     config: TrainConfig,
     data_dir: Path,
@@ -161,16 +270,23 @@ def train(
     should_stop: StopCallback | None = None,
     resume: bool = True,
     device: torch.device | None = None,
+    started_at: float | None = None,
 ) -> TrainResult:
     """Pretrain SwAV on the images under `data_dir`, checkpointing into `run_dir`.
 
     Resumes from the newest valid checkpoint in run_dir when `resume`. `should_stop` is
     polled after every step; when it returns True on any rank the run checkpoints and
-    returns with status "stopped". Raises `NonFiniteLossError`, `DataError`,
-    `ConfigError` or `CheckpointError` for failures that a retry would repeat.
+    returns with status "stopped". A `budget_s` counts from `started_at` (a `time.time()`,
+    e.g. when a worker launched this process; default: now) until a resume, which counts
+    the time its checkpoint had spent. Raises `NonFiniteLossError`, `DataError`,
+    `ConfigError`, `CheckpointError` or `CollapsedError` for failures that a retry would
+    repeat.
     """
+    since = 0.0 if started_at is None else max(0.0, time.time() - started_at)
     with distributed_context(device) as ctx:
-        return _train(config, Path(data_dir), Path(run_dir), callbacks, should_stop, resume, ctx)
+        return _train(
+            config, Path(data_dir), Path(run_dir), callbacks, should_stop, resume, ctx, since
+        )
 
 
 def _train(
@@ -181,8 +297,10 @@ def _train(
     should_stop: StopCallback | None,
     resume: bool,
     ctx: DistContext,
+    spent_s: float = 0.0,
 ) -> TrainResult:
     # --- set-up
+    started_at = time.monotonic() - spent_s  # a budget counts from here, set-up included
     device = ctx.device
     run_dir.mkdir(parents=True, exist_ok=True)
     emit = EventSink(run_dir, callbacks, ctx.is_main)
@@ -194,7 +312,6 @@ def _train(
     per_rank = config.batch_size // ctx.world_size
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
-    autocast = autocast_context(config, device)
 
     # --- data
     scan = scan_image_folder(data_dir)
@@ -202,15 +319,14 @@ def _train(
     sampler = ShardedEpochSampler(len(dataset), per_rank, ctx.rank, ctx.world_size, config.seed)
     loader = make_loader(dataset, sampler, per_rank, config.num_workers, device)
     steps_per_epoch = sampler.batches_per_epoch
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    fingerprint = scan.fingerprint()
     emit(
         "dataset",
         num_images=len(scan.files),
         num_skipped=len(scan.skipped),
         skip_reasons=scan.skip_reasons(),
         classes=list(scan.classes) if scan.classes else None,
-        fingerprint=scan.fingerprint(),
+        fingerprint=fingerprint,
     )
 
     # --- model
@@ -229,224 +345,216 @@ def _train(
         device_ids = [device.index] if device.type == "cuda" else None
         network = DistributedDataParallel(model, device_ids=device_ids)
 
-    # --- optimiser
-    optimizer = build_optimizer(config, model)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    queue: FeatureQueue | None = None
-    n_assign = len(config.crops_for_assign)
-
-    def new_queue() -> FeatureQueue:
-        return FeatureQueue(
-            n_assign, config.queue_length // ctx.world_size, config.feat_dim, device
-        )
-
-    # --- resume
-    step, epoch, batch_in_epoch = 0, 0, 0
-    last_loss: float | None = None
+    # --- optimiser and resume
+    run = TrainingState(config, model, ctx, steps_per_epoch)
+    run.started_at = started_at
     if resume and (loaded := load_latest_checkpoint(run_dir, map_location="cpu")) is not None:
         state, resumed_from = loaded
+        config = run.config = recovered(config, state)
         check_resumable(state["config"], config)
-        if state["dataset_fingerprint"] != scan.fingerprint():
+        if state["dataset_fingerprint"] != fingerprint:
             emit(
                 "warning",
                 code="dataset_changed",
                 message="the dataset differs from the one the checkpoint was trained on",
             )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        last_loss = state["loss"]
-        if state["queues"] is not None:
-            queue = new_queue()
-            queue.load_state_dict(queue_slice(state["queues"], ctx.rank, ctx.world_size))
-        restore_rng_state(state["rng"])
-        emit("resumed", step=step, epoch=epoch, checkpoint=str(resumed_from.path))
+        run.load_state_dict(state)
+        emit("resumed", step=run.step, epoch=run.epoch, checkpoint=str(resumed_from.path))
 
     saved_at: dict[str, Any] = {"step": None, "info": None}
 
     def checkpoint(final: bool = False) -> CheckpointInfo | None:
         """Every rank joins the queue gather; rank 0 writes. One save per step at most."""
-        if not final and saved_at["step"] == step:
+        if not final and saved_at["step"] == run.step:
             return saved_at["info"]
-        queues = None
-        if queue is not None:
-            gathered = gather_tensors(queue.features)
-            queues = [{"features": f.cpu(), "filled": queue.filled} for f in gathered]
-        saved_at.update(step=step, info=None)
+        state = run.state_dict(fingerprint)
+        saved_at.update(step=run.step, info=None)
         if not ctx.is_main:
             return None
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "step": step,
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "total_steps": total_steps,
-            "queues": queues,
-            "rng": capture_rng_state(),
-            "config": config.model_dump(mode="json"),
-            "dataset_fingerprint": scan.fingerprint(),
-            "world_size": ctx.world_size,
-            "loss": last_loss,
-        }
-        info = save_checkpoint(run_dir, state, step, config.keep_last, final=final)
+        info = save_checkpoint(run_dir, state, run.step, config.keep_last, final=final)
         saved_at["info"] = info
         emit(
             "checkpoint",
-            step=step,
-            epoch=epoch,
+            step=run.step,
+            epoch=run.epoch,
             path=str(info.path),
             sha256=info.sha256,
             size_bytes=info.size,
             final=final,
-            loss=last_loss,
+            loss=run.loss,
         )
         return info
 
+    budget = None
+    if config.budget_s is not None:
+        budget = BudgetFitter(
+            config.budget_s, run.started_at, steps_per_epoch, run.warmup_steps, run.fit
+        )
     emit(
         "started",
-        step=step,
-        total_steps=total_steps,
-        epoch=epoch,
-        epochs=config.epochs,
+        step=run.step,
+        total_steps=run.planned_steps,
+        epoch=run.epoch,
+        epochs=None if run.planned_steps is None else math.ceil(run.total_steps / steps_per_epoch),
+        budget_s=config.budget_s,
         steps_per_epoch=steps_per_epoch,
         world_size=ctx.world_size,
         device=str(device),
     )
-
-    if config.checkpoint_at_start and step == 0:
+    if config.checkpoint_at_start and run.step == 0:
         checkpoint()
 
     # --- loop
     frozen_until = freeze_steps(config, steps_per_epoch)
-    window_start, window_steps, step_time = time.perf_counter(), 0, 0.0
-    if batch_in_epoch >= steps_per_epoch:
-        epoch, batch_in_epoch = epoch + 1, 0
-    while epoch < config.epochs:
-        if queue is None and config.queue_length > 0 and epoch >= config.epoch_queue_starts:
-            queue = new_queue()
-        sampler.set_epoch(epoch, start_batch=batch_in_epoch)
+    autocast = autocast_context(config, device)
+
+    def collapse_monitor() -> CollapseMonitor:
+        start = max(run.warmup_steps, frozen_until, run.step)
+        samples = per_rank * len(config.crops_for_assign)
+        return CollapseMonitor(config.n_prototypes, samples, start, window_steps(run.total_steps))
+
+    monitor = collapse_monitor()
+    window_start, window_steps_done = time.perf_counter(), 0
+    if run.batch_in_epoch >= steps_per_epoch:
+        run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+    while run.step < run.total_steps:
+        if run.queue is None and config.queue_length > 0 and run.epoch >= config.epoch_queue_starts:
+            run.queue = run.new_queue()
+        sampler.set_epoch(run.epoch, start_batch=run.batch_in_epoch)
+        rolled_back = False
         for crops, _ in loader:
-            lr = learning_rate(
-                step,
-                total_steps,
-                warmup_steps,
-                config.base_lr,
-                config.final_lr,
-                config.start_warmup_lr,
-            )
-            for group in optimizer.param_groups:
+            lr = run.learning_rate()
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            model.normalize_prototypes()
             crops = [c.to(device, non_blocking=True) for c in crops]
+            out = swav_step(network, model.prototypes.weight, crops, run.queue, config, autocast)
+            run.loss = float(all_reduce_mean(out.loss.detach()))
+            if not math.isfinite(run.loss):
+                raise NonFiniteLossError(run.step, run.loss)
 
-            with autocast:
-                z, scores = network(crops)  # (V*n, D), (V*n, K)
-            queue_scores = queue.scores(model.prototypes.weight) if queue is not None else None
-            loss, diagnostics = swav_loss_and_diagnostics(
-                scores.split(per_rank),
-                temperature=config.temperature,
-                epsilon=config.epsilon,
-                sinkhorn_iterations=config.sinkhorn_iterations,
-                crops_for_assign=config.crops_for_assign,
-                queue_scores=queue_scores,
-            )
-            last_loss = float(all_reduce_mean(loss.detach()))
-            if not math.isfinite(last_loss):
-                raise NonFiniteLossError(step, last_loss)
-            if queue is not None:
-                queue.push([z[c * per_rank : (c + 1) * per_rank] for c in config.crops_for_assign])
-
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if step < frozen_until:
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scaler.scale(out.loss).backward()
+            prototypes_frozen = run.step < frozen_until
+            if prototypes_frozen:
                 model.prototypes.weight.grad = None
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            batch_in_epoch += 1
-            window_steps += 1
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            if not prototypes_frozen:  # frozen prototypes stay bit-identical
+                model.normalize_prototypes()
+            collapsed = any_rank(monitor.observe(run.step, out.diagnostics), device)
+            run.step += 1
+            run.batch_in_epoch += 1
+            window_steps_done += 1
 
-            if step % config.log_every_steps == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                step_time = elapsed / window_steps
+            if budget is not None:
+                fit = budget.observe(
+                    run.step,
+                    time.monotonic(),
+                    lambda: checkpoint_cost_s(run.state_dict(fingerprint)),
+                    checkpoints_per_step(config, steps_per_epoch),
+                )
+                if fit is not None:
+                    run.fit = fit
+                    monitor = collapse_monitor()
+                    emit("budget_refitted" if fit.refits else "budget_fitted", **fit.as_dict())
+            if run.step % config.log_every_steps == 0 or run.step == run.total_steps:
+                step_time = (time.perf_counter() - window_start) / window_steps_done
+                remaining_s = (run.total_steps - run.step) * step_time
+                if budget is not None and run.fit is None:
+                    remaining_s = max(0.0, budget.budget_s - budget.elapsed(time.monotonic()))
                 emit(
                     "metrics",
-                    step=step,
-                    total_steps=total_steps,
-                    epoch=epoch,
-                    loss=last_loss,
+                    step=run.step,
+                    total_steps=run.planned_steps,
+                    epoch=run.epoch,
+                    loss=run.loss,
                     lr=lr,
                     images_per_s=config.batch_size / step_time,
-                    eta_s=(total_steps - step) * step_time,
-                    queue_in_use=queue_scores is not None,
-                    **diagnostics.as_dict(),
+                    eta_s=remaining_s,
+                    queue_in_use=out.queue_in_use,
+                    **out.diagnostics.as_dict(),
                 )
-                if diagnostics.at_ln_k and step > warmup_steps:
-                    emit(
-                        "warning",
-                        code="suspected_collapse",
-                        step=step,
-                        message="the loss sits at ln K: the features may have collapsed",
-                    )
-                window_start, window_steps = time.perf_counter(), 0
-            if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+                window_start, window_steps_done = time.perf_counter(), 0
+            if collapsed:
+                config, frozen_until = _roll_back(run, monitor, frozen_until, run_dir, emit)
+                saved_at.update(step=None, info=None)
+                checkpoint()  # records the rollback, so that a resume keeps it
+                monitor = collapse_monitor()
+                rolled_back = True
+                break
+            if config.checkpoint_every_steps and run.step % config.checkpoint_every_steps == 0:
                 checkpoint()
             if any_rank(should_stop() if should_stop else False, device):
                 saved = checkpoint()
-                emit("stopped", step=step, total_steps=total_steps, epoch=epoch)
-                return TrainResult("stopped", step, total_steps, epoch, last_loss, saved)
+                emit("stopped", step=run.step, total_steps=run.planned_steps, epoch=run.epoch)
+                return TrainResult(
+                    "stopped", run.step, run.planned_steps, run.epoch, run.loss, saved
+                )
+            if run.step >= run.total_steps:
+                break
 
-        emit("epoch", epoch=epoch, step=step, loss=last_loss)
-        epoch, batch_in_epoch = epoch + 1, 0
-        every = config.checkpoint_every_epochs
-        if every and epoch % every == 0 and epoch < config.epochs:
-            checkpoint()
+        if rolled_back:
+            continue
+        if run.batch_in_epoch >= steps_per_epoch:
+            emit("epoch", epoch=run.epoch, step=run.step, loss=run.loss)
+            run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+            every = config.checkpoint_every_epochs
+            if every and run.epoch % every == 0 and run.step < run.total_steps:
+                checkpoint()
 
     saved = checkpoint(final=True)
-    emit("finished", step=step, total_steps=total_steps, loss=last_loss)
-    return TrainResult("completed", step, total_steps, epoch, last_loss, saved)
+    emit("finished", step=run.step, total_steps=run.total_steps, loss=run.loss)
+    return TrainResult("completed", run.step, run.total_steps, run.epoch, run.loss, saved)
 
 
-def _spawned_rank(
-    rank: int,
-    world_size: int,
-    port: int,
-    config: TrainConfig,
-    data_dir: Path,
+def _roll_back(
+    run: TrainingState,
+    monitor: CollapseMonitor,
+    frozen_until: int,
     run_dir: Path,
-    should_stop: StopCallback | None,
-    resume: bool,
-) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into should_stop
-    set_spawn_env(rank, world_size, port)
-    torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
-    result = train(config, data_dir, run_dir, (), should_stop, resume)
-    if rank == 0:
-        (run_dir / "result.json").write_text(json.dumps(result.__dict__, default=str))
-
-
-def spawn(
-    config: TrainConfig,
-    data_dir: Path,
-    run_dir: Path,
-    nprocs: int,
-    should_stop: StopCallback | None = None,
-    resume: bool = True,
-) -> dict[str, Any]:
-    """Run `train` in `nprocs` local processes (gloo on CPU); returns rank 0's result.
-
-    Events are in run_dir/events.jsonl; `should_stop` must be picklable (e.g. StopFile).
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "result.json").unlink(missing_ok=True)
-    mp.spawn(
-        _spawned_rank,
-        args=(nprocs, free_port(), config, Path(data_dir), run_dir, should_stop, resume),
-        nprocs=nprocs,
-        join=True,
+    emit: EventSink,
+) -> tuple[TrainConfig, int]:
+    """Restore the last checkpoint before the collapse with `recovered_config`; the new
+    (config, frozen_until). Raises CollapsedError once MAX_RECOVERIES are spent."""
+    collapsed_at = run.step
+    if len(run.recoveries) >= MAX_RECOVERIES:
+        emit("warning", code="collapsed", step=collapsed_at, message="the features collapsed")
+        raise CollapsedError(collapsed_at, len(run.recoveries))
+    good = [
+        info
+        for info in list_checkpoints(run_dir)
+        if not info.final and info.step is not None and info.step <= monitor.onset_step
+    ]
+    for info in list_checkpoints(run_dir):  # checkpoints of the collapsed stretch
+        if info.final or info.step is None or info.step > monitor.onset_step:
+            info.path.unlink(missing_ok=True)
+            sidecar_path(info.path).unlink(missing_ok=True)
+    recoveries, fit, started_at = run.recoveries, run.fit, run.started_at
+    if good:
+        run.load_state_dict(load_checkpoint(good[0].path, map_location="cpu"))
+    else:
+        run.restart_from_scratch(run.config.seed)
+    new_config = recovered_config(run.config, max(frozen_until, run.step + monitor.window))
+    overrides = {
+        "epsilon": new_config.epsilon,
+        "freeze_prototypes": new_config.freeze_prototypes,
+        "freeze_prototypes_unit": new_config.freeze_prototypes_unit,
+    }
+    run.fit, run.started_at = fit, started_at  # the budget is wall time: no refund
+    run.recoveries = [*recoveries, {"at_step": collapsed_at, "overrides": overrides}]
+    run.config = new_config
+    emit(
+        "collapse_recovery",
+        collapsed_at_step=collapsed_at,
+        restart_step=run.step,
+        attempt=len(run.recoveries),
+        max_attempts=MAX_RECOVERIES,
+        epsilon=new_config.epsilon,
+        freeze_prototypes=new_config.freeze_prototypes,
+        message=(
+            f"sustained collapse at step {collapsed_at}: back to step {run.step} with "
+            f"epsilon {new_config.epsilon:g} and the prototypes frozen until step "
+            f"{new_config.freeze_prototypes}"
+        ),
     )
-    return dict(json.loads((run_dir / "result.json").read_text()))
+    return new_config, new_config.freeze_prototypes

@@ -142,3 +142,29 @@ def test_from_config() -> None:
     model = SwAVModel.from_config(config)
     assert model.num_features == 64
     assert model.prototypes.weight.shape == (config.n_prototypes, config.feat_dim)
+
+
+def test_grouped_forward_calls_the_backbone_once_per_resolution_in_train_mode() -> None:
+    """2 x 32 px + 4 x 16 px crops: two backbone calls, on batches of 2n and 4n, so batch
+    norm sees each resolution's crops together (the paper's multi-resolution forward)."""
+    torch.manual_seed(0)
+    model = SwAVModel("tiny_cnn", 32, 16, 10).train()
+    n = 3
+    inputs = [torch.randn(n, 3, 32, 32) for _ in range(2)] + [
+        torch.randn(n, 3, 16, 16) for _ in range(4)
+    ]
+    calls: list[tuple[int, ...]] = []
+    model.backbone.register_forward_hook(lambda _m, args, _out: calls.append(tuple(args[0].shape)))
+    z, scores = model(inputs)
+    assert calls == [(2 * n, 3, 32, 32), (4 * n, 3, 16, 16)]
+    assert z.shape == (6 * n, 16) and scores.shape == (6 * n, 10)
+
+
+def test_head_and_scores_stay_fp32_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    model = SwAVModel("tiny_cnn", 32, 16, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, scores = model(crops())
+    assert z.dtype == torch.float32 and scores.dtype == torch.float32
+    # fp32 z: unit norm to fp32 precision (bf16 rows would be off by ~1e-3)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(12), rtol=0, atol=1e-6)

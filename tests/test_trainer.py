@@ -14,7 +14,8 @@ from swav_core.checkpoint import list_checkpoints, load_checkpoint
 from swav_core.config import TrainConfig, config_from
 from swav_core.errors import ConfigError, NonFiniteLossError
 from swav_core.model import SwAVModel
-from swav_core.trainer import spawn, train
+from swav_core.spawn import spawn
+from swav_core.trainer import train
 
 
 def tiny(**overrides: Any) -> TrainConfig:

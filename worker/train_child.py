@@ -29,7 +29,8 @@ from pathlib import Path
 from swav_core.checkpoint import atomic_write_bytes
 from swav_core.config import TrainConfig
 from swav_core.errors import SwavError
-from swav_core.trainer import StopFile, train
+from swav_core.spawn import StopFile
+from swav_core.trainer import train
 
 # How gloo and NCCL report a peer rank that went away (its process or machine died): the
 # run failed because another node was lost, not because of anything on this one.
@@ -61,7 +62,9 @@ def main(control_dir: Path) -> int:
     run_dir = Path(spec.get("run_dir", control_dir))
     stop = StopFile(control_dir / "STOP")
     try:
-        status = train(config, data_dir, run_dir, should_stop=stop).status
+        status = train(
+            config, data_dir, run_dir, should_stop=stop, started_at=spec.get("launched_at")
+        ).status
         outcome: dict[str, object] = {"status": status}
     except Exception as error:  # every failure is recorded for the worker, with its reason
         traceback.print_exc()
