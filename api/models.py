@@ -57,6 +57,8 @@ class Dataset(Base):
     skipped: Mapped[list[Any] | None] = mapped_column(JSON)
     classes: Mapped[list[Any] | None] = mapped_column(JSON)
     fingerprint: Mapped[str | None] = mapped_column(String(64))
+    # swav_core.recipe.DatasetStats of the ready images (for preset auto); null before 0006
+    stats: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error_code: Mapped[str | None] = mapped_column(String(50))
     error_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -68,6 +68,11 @@ class DatasetPublic(PublicModel):
     skipped: list[Any] | None = Field(None, description="Files that were not images, why.")
     classes: list[Any] | None = None
     fingerprint: str | None = None
+    stats: dict[str, Any] | None = Field(
+        None,
+        description="num_images, num_classes, median_short_side (px) and grayscale_fraction "
+        "of the ready images: what `preset: auto` chooses from.",
+    )
     error: ErrorInfo | None = None
     created_at: datetime
     updated_at: datetime
@@ -84,6 +89,7 @@ class DatasetPublic(PublicModel):
             skipped=row.skipped,
             classes=row.classes,
             fingerprint=row.fingerprint,
+            stats=row.stats,
             error=ErrorInfo.of(row.error_code, row.error_message),
             created_at=row.created_at,
             updated_at=row.updated_at,
@@ -130,10 +136,22 @@ class JobCreate(BaseModel):
     dataset_id: str = Field(max_length=40)
     name: str | None = Field(None, max_length=200)
     preset: str | None = Field(
-        None, max_length=50, description="A named preset (e.g. cpu-tiny); null: paper defaults."
+        None,
+        max_length=50,
+        description="`auto` (the default, also for null): a recipe chosen from the dataset, "
+        "the workers and `config.budget_s`, with a reason per choice (see `dry_run`); or a "
+        "named preset: imagenet-800ep, imagenet-100ep and small-batch are the paper's "
+        "recipes, cpu-tiny a seconds-long demo.",
     )
     config: dict[str, Any] = Field(
-        default_factory=dict, description="TrainConfig fields that override the preset."
+        default_factory=dict,
+        description="TrainConfig fields that override the preset; `budget_s` (seconds of "
+        "training) replaces `epochs`: the schedule is fitted to end with the budget.",
+    )
+    dry_run: bool = Field(
+        False,
+        description="Answer the resolved config, the reason for each auto choice and the "
+        "estimated time and memory on the workers that fit (200, JobPlanPublic); queue nothing.",
     )
     metadata: dict[str, Any] | None = Field(None, description="Free-form, returned as given.")
     keep_best_by: QualityMetric | None = Field(
@@ -148,6 +166,29 @@ class JobCreate(BaseModel):
         None, gt=0, description="Running time over all attempts before failing with timeout."
     )
     resources: JobResources = Field(default_factory=JobResources)
+
+
+class CostEstimatePublic(BaseModel):
+    device: str
+    machine: str
+    machine_gflops: float = Field(description="The worker's measured training GFLOP/s.")
+    workers: int = Field(description="Live workers with this profile (0: assumed machine).")
+    gflops_per_image: float
+    seconds_per_epoch: float
+    total_seconds: float
+    peak_memory_gib: float = Field(description="Per rank: weights, optimiser, activations.")
+    fits_memory: bool
+
+
+class JobPlanPublic(BaseModel):
+    """What `POST /v1/jobs` with `dry_run` answers: nothing is created or queued."""
+
+    dry_run: Literal[True] = True
+    preset: str
+    config: dict[str, Any] = Field(description="The resolved, complete TrainConfig.")
+    reasons: dict[str, str] = Field(description="Why auto chose each field it set.")
+    dataset_stats: dict[str, Any] | None
+    estimates: list[CostEstimatePublic]
 
 
 class Progress(BaseModel):

@@ -20,6 +20,7 @@ from swav_client import display
 from swav_client.client import DEFAULT_URL, DOWNLOAD_FORMATS, EMBED_BATCH, SwavClient
 from swav_client.errors import ApiError, NotUploadable, SwavClientError
 from swav_client.types import Job
+from swav_core.config import parse_duration
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -227,12 +228,23 @@ def jobs_submit(
     ctx: typer.Context,
     dataset: Annotated[str, typer.Option("--dataset", help="A ready dataset's id.")],
     preset: Annotated[
-        str | None, typer.Option(help="e.g. cpu-tiny, small-batch; default: the paper's.")
+        str | None,
+        typer.Option(help="auto (default: chosen from the data and the workers), or a name: "
+                     "imagenet-800ep, imagenet-100ep, small-batch, cpu-tiny."),
     ] = None,
     settings: Annotated[
         list[str] | None,
         typer.Option("--set", help="A TrainConfig override, key=value (repeatable)."),
     ] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(help="Training time instead of epochs (config.budget_s): 1200, 20m, 1h30m."),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Show the resolved config, why, and the estimated time "
+                     "and memory; queue nothing."),
+    ] = False,
     name: Annotated[str | None, typer.Option(help="A name for the job.")] = None,
     idempotency_key: Annotated[
         str | None,
@@ -255,7 +267,20 @@ def jobs_submit(
     """Submit a training job on a dataset."""
     opts = options(ctx, json_output)
     config = dict(parse_setting(s) for s in settings or [])
+    if budget is not None:
+        try:
+            config["budget_s"] = parse_duration(budget)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--budget") from None
     with opts.client() as client:
+        if dry_run:
+            plan = client.plan_job(dataset, preset=preset, config=config,
+                                   resources={"gpus": gpus, "nodes": nodes})
+            if opts.json:
+                display.print_json(plan)
+            else:
+                display.out.print(display.plan_details(plan))
+            return
         job = client.create_job(
             dataset, preset=preset, config=config, name=name, idempotency_key=idempotency_key,
             resources={"gpus": gpus, "nodes": nodes}, keep_best_by=keep_best_by,

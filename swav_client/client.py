@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from swav_client.errors import ApiError, ChecksumMismatch, ServerUnreachable
 from swav_client.sse import parse_sse
-from swav_client.types import Checkpoint, Dataset, Embeddings, Event, Job, Page
+from swav_client.types import Checkpoint, Dataset, Embeddings, Event, Job, JobPlan, Page
 from swav_client.upload import TransferProgress, upload_body
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -297,6 +297,23 @@ class SwavClient:
         return self._post(
             "/v1/jobs", Job, idempotent=True, json=payload, headers={"Idempotency-Key": key}
         )
+
+    def plan_job(
+        self,
+        dataset_id: str,
+        preset: str | None = None,
+        config: dict[str, Any] | None = None,
+        resources: dict[str, int] | None = None,
+    ) -> JobPlan:
+        """A dry run of `create_job`: the resolved config, the reasons of auto's choices
+        and the estimated time and memory on the workers that fit; nothing is queued."""
+        payload: dict[str, Any] = {"dataset_id": dataset_id, "config": config or {},
+                                   "dry_run": True}
+        if preset is not None:
+            payload["preset"] = preset
+        if resources is not None:
+            payload["resources"] = resources
+        return self._post("/v1/jobs", JobPlan, idempotent=True, json=payload)
 
     def get_job(self, job_id: str) -> Job:
         return self._get(f"/v1/jobs/{job_id}", Job)

@@ -28,7 +28,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from swav_client.types import Checkpoint, Dataset, Event, Job
+from swav_client.types import Checkpoint, Dataset, Event, Job, JobPlan
 from swav_client.upload import TransferProgress
 
 out = Console(highlight=False)
@@ -172,6 +172,25 @@ def job_details(j: Job) -> Table:
     if j.error is not None:
         rows.append(("error", f"{j.error.code}: {j.error.message}"))
     return details(rows)
+
+
+def plan_details(plan: JobPlan) -> Table:
+    """A dry run: the chosen fields with their reasons, then the estimate per worker kind."""
+    table = Table(show_header=True, box=None, pad_edge=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_column("why", style="dim")
+    for name, why in plan.reasons.items():
+        value = plan.config.get(name, "-")
+        table.add_row(escape(name), escape(_compact(value)), escape(why))
+    for e in plan.estimates:
+        fits = "" if e.fits_memory else " (does not fit in memory)"
+        table.add_row(
+            "estimate", escape(f"{e.machine} x{e.workers}"),
+            f"{duration(e.seconds_per_epoch)} per epoch, {duration(e.total_seconds)} in all, "
+            f"{e.peak_memory_gib:.2f} GiB per rank{fits}",
+        )
+    return table
 
 
 def event_line(event: Event) -> str:

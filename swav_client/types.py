@@ -37,6 +37,7 @@ class Dataset(Resource):
     skipped: list[Any] | None = None
     classes: list[Any] | None = None
     fingerprint: str | None = None
+    stats: dict[str, Any] | None = None
     error: ErrorInfo | None = None
     created_at: datetime
     updated_at: datetime
@@ -75,6 +76,29 @@ class Job(Resource):
     @property
     def finished(self) -> bool:
         return self.status in TERMINAL_JOB_STATUSES
+
+
+class CostEstimate(Resource):
+    device: str
+    machine: str
+    machine_gflops: float
+    workers: int
+    gflops_per_image: float
+    seconds_per_epoch: float
+    total_seconds: float
+    peak_memory_gib: float
+    fits_memory: bool
+
+
+class JobPlan(Resource):
+    """The answer of a dry run: the config the job would get, why, and what it would cost."""
+
+    dry_run: bool
+    preset: str
+    config: dict[str, Any]
+    reasons: dict[str, str]
+    dataset_stats: dict[str, Any] | None = None
+    estimates: list[CostEstimate]
 
 
 class Event(Resource):

@@ -8,6 +8,7 @@ training run. Training workers take one task at a time (prefetch 1, acks late).
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any
 
 from celery import Celery, signals
@@ -92,6 +93,16 @@ def _start_supervisor(sender: Any = None, **_: Any) -> None:
     SUPERVISOR = Supervisor(settings, str(getattr(sender, "hostname", "worker")), queues)
     SUPERVISOR.resources = resources
     SUPERVISOR.start()
+    if training:  # the heartbeat carries the measured profile once it is known
+        threading.Thread(target=_add_machine_profile, args=(SUPERVISOR,), daemon=True).start()
+
+
+def _add_machine_profile(supervisor: Any) -> None:
+    from worker.resources import machine_profile
+
+    profile = machine_profile()
+    if profile is not None:
+        supervisor.resources = {**supervisor.resources, "machine": profile}
 
 
 @signals.worker_shutting_down.connect

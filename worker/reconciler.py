@@ -194,15 +194,18 @@ def reconcile_once(settings: Settings) -> dict[str, int]:
 def record_presence(
     name: str, queues: str, job_id: str | None = None, resources: dict[str, Any] | None = None
 ) -> None:
-    """Upsert this worker's heartbeat row (read by /metrics and operators); `resources` is
-    what a training worker offers (worker/resources.py: device, gpus, ranks, address)."""
+    """Upsert this worker's heartbeat row (read by /metrics, operators and `preset: auto`);
+    `resources` is what a training worker offers (worker/resources.py: device, gpus,
+    ranks, address, and its measured `machine` profile once known)."""
+    offered = {"pid": os.getpid(), **(resources or {})}
     with session_scope() as session:
         row = session.get(Worker, name)
         if row is None:
-            session.add(Worker(name=name, queues=queues, job_id=job_id,
-                               resources={"pid": os.getpid(), **(resources or {})}))
+            session.add(Worker(name=name, queues=queues, job_id=job_id, resources=offered))
         else:
             row.queues, row.job_id, row.last_seen_at = queues, job_id, utcnow()
+            if row.resources != offered:
+                row.resources = offered
 
 
 class Supervisor(threading.Thread):

@@ -9,8 +9,12 @@ waits in its queue until a worker that fits reads it; the database is not asked.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,6 +30,30 @@ class WorkerResources:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+log = logging.getLogger(__name__)
+
+# Measuring takes a couple of seconds (a reference training step, timed); a child process
+# keeps CUDA out of the worker itself, as for training.
+PROFILE_TIMEOUT_S = 120
+
+
+def machine_profile() -> dict[str, Any] | None:
+    """This machine's measured training throughput (swav_core.costs.Machine as a dict),
+    for `preset: auto` and dry-run estimates; None if the measurement fails."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "swav_core.costs"],
+            capture_output=True,
+            timeout=PROFILE_TIMEOUT_S,
+            check=True,
+        )
+        profile: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+        return profile
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError):
+        log.warning("could not measure this machine's profile", exc_info=True)
+        return None
 
 
 def cuda_device_count() -> int:

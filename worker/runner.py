@@ -53,7 +53,14 @@ SHUTDOWN = threading.Event()
 """Set when the worker is asked to stop (SIGTERM): the running job goes back to the queue."""
 
 NOT_RETRIED = frozenset(
-    {"invalid_config", "invalid_data", "non_finite_loss", "out_of_memory", "checkpoint_failed"}
+    {
+        "invalid_config",
+        "invalid_data",
+        "non_finite_loss",
+        "out_of_memory",
+        "checkpoint_failed",
+        "collapsed",
+    }
 )
 
 
@@ -279,9 +286,15 @@ class Relay:
             return
         if kind in ("started", "resumed"):
             values = {"step": event["step"], "epoch": event["epoch"]}
-            if "total_steps" in event:
+            if event.get("total_steps") is not None:
                 values["total_steps"] = event["total_steps"]
             session.execute(update(Job).where(Job.id == self.job_id).values(**values))
+        elif kind in ("budget_fitted", "budget_refitted"):  # the budget fixed the length
+            session.execute(
+                update(Job)
+                .where(Job.id == self.job_id)
+                .values(total_steps=event["total_steps"], epochs=event["epochs"])
+            )
         elif kind == "checkpoint":
             path = str(Path(event["path"]).resolve().relative_to(self.settings.artifacts))
             checkpoint_id = self._record_checkpoint(session, event, path)
@@ -419,7 +432,7 @@ def prepare_run_folder(
     for name in ("STOP", "outcome.json"):
         (control_dir / name).unlink(missing_ok=True)
     data_dir = dataset_images_dir(settings, job.dataset_id)
-    spec = {"config": job.config, "data_dir": str(data_dir)}
+    spec: dict[str, Any] = {"config": job.config, "data_dir": str(data_dir)}
     if control_dir != run_dir:
         spec["run_dir"] = str(run_dir)
     store = artifact_store(settings)
@@ -427,6 +440,7 @@ def prepare_run_folder(
         store.restore(run_dir / "checkpoints", exact=True)
         if not data_dir.is_dir():
             store.restore(data_dir)
+    spec["launched_at"] = time.time()  # a budget (config.budget_s) counts from the launch
     return spec
 
 

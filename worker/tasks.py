@@ -26,6 +26,7 @@ from api.settings import Settings, get_settings
 from api.storage import StorageError, artifact_store
 from swav_core.data import NoImagesError, SkippedFile, scan_image_folder
 from swav_core.errors import DataError, SwavError
+from swav_core.recipe import DatasetStats
 from worker.archive import ArchiveLimits, ArchiveRefused, extract_archive, shown_name
 from worker.celery_app import EMBED_TASK, EVAL_TASK, INGEST_TASK, TRAIN_TASK, app
 
@@ -156,6 +157,7 @@ def ingest_dataset(dataset_id: str) -> None:
                 skipped=skipped[:MAX_REPORTED_SKIPS],
                 classes=list(scan.classes) if scan.classes else None,
                 fingerprint=scan.fingerprint(),
+                stats=DatasetStats.from_scan(scan).as_dict(),
             )
         )
 

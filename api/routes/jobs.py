@@ -18,7 +18,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -26,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.db import get_sessionmaker
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.errors import ApiError, not_found, validation_error
+from api.errors import ApiError, not_found
 from api.limits import check_active_jobs, lock_tenant, storage_left
 from api.models import (
     JOB_STATUSES,
@@ -39,10 +38,19 @@ from api.models import (
     utcnow,
 )
 from api.pagination import DEFAULT_LIMIT, MAX_LIMIT, CursorQuery, LimitQuery, paginate
+from api.planning import Plan, estimates, plan_job
 from api.routes.datasets import find_dataset
-from api.schemas import EventPublic, EventsPublic, JobCreate, JobPublic, JobsPublic
+from api.schemas import (
+    CostEstimatePublic,
+    EventPublic,
+    EventsPublic,
+    JobCreate,
+    JobPlanPublic,
+    JobPublic,
+    JobsPublic,
+)
 from api.store import append_event, change_status
-from swav_core.config import TrainConfig, config_from, preset_names
+from swav_core.recipe import AUTO
 from worker.dispatch import enqueue_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -67,30 +75,6 @@ def find_job(session: Session, tenant: str, job_id: str) -> Job:
     if job is None:
         raise not_found("job", "job_id", job_id)
     return job
-
-
-def resolve_config(preset: str | None, overrides: dict[str, Any]) -> TrainConfig:
-    """The full TrainConfig of a request, or ApiError 422 `invalid_config` naming the field.
-
-    `epochs` is also a column of the job (an Integer), so it is capped at MAX_INTEGER.
-    """
-    try:
-        config = config_from(preset, **overrides)
-    except KeyError as exc:  # only an unknown preset: validation errors are ValidationError
-        raise ApiError(
-            422,
-            "invalid_config",
-            f"preset: unknown preset {preset!r}; use one of {', '.join(preset_names())} "
-            "or omit it for the paper's defaults",
-            "preset",
-        ) from exc
-    except ValidationError as exc:
-        raise validation_error(exc.errors(), prefix="config", code="invalid_config") from exc
-    if config.epochs > MAX_INTEGER:
-        raise ApiError(
-            422, "invalid_config", f"config.epochs: at most {MAX_INTEGER}", "config.epochs"
-        )
-    return config
 
 
 def request_hash(payload: JobCreate) -> str:
@@ -138,6 +122,7 @@ def _enqueue_or_fail(session: Session, job_id: str) -> None:
     status_code=201,
     response_model=JobPublic,
     responses={
+        200: {"model": JobPlanPublic, "description": "`dry_run`: the plan; nothing queued."},
         403: {"description": "Over the tenant's stored-bytes limit (`storage_limit_exceeded`)."},
         404: {"description": "No such dataset."},
         409: {"description": "`dataset_not_ready`, or `idempotency_conflict`."},
@@ -152,14 +137,21 @@ def create_job(
     tenant: TenantDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Any:
-    """Submit a training job: `preset` and then `config` overrides give the TrainConfig."""
+    """Submit a training job: `preset` (auto by default) and then `config` overrides give
+    the TrainConfig. With `dry_run`, answer the plan instead and queue nothing."""
+    if payload.dry_run:
+        answer = plan_only(payload, session, settings, tenant)
+        return JSONResponse(answer.model_dump(mode="json"), status_code=200)
     digest = request_hash(payload)
     if idempotency_key is not None:
         record = session.get(IdempotencyRecord, (tenant, idempotency_key))
         if record is not None:
             return _replay(record, digest)
 
-    config = resolve_config(payload.preset, payload.config)
+    dataset = find_dataset(session, tenant, payload.dataset_id)
+    plan = plan_job(session, settings, dataset, payload.preset, payload.config,
+                    payload.resources.gpus, payload.resources.nodes)
+    config = plan.config
     world_size = payload.resources.gpus * payload.resources.nodes
     if config.batch_size % world_size:
         raise ApiError(
@@ -205,7 +197,7 @@ def create_job(
         tenant=tenant,
         dataset_id=dataset.id,
         name=payload.name,
-        preset=payload.preset,
+        preset=payload.preset or AUTO,
         config=config.model_dump(mode="json"),
         user_metadata=payload.metadata,
         status="queued",
@@ -222,6 +214,9 @@ def create_job(
     )
     session.add(job)
     session.flush()
+    if plan.reasons:
+        append_event(session, job.id, "plan", {"reasons": plan.reasons,
+                                               "dataset_stats": _stats(plan)})
     append_event(session, job.id, "state", {"status": "queued"})
     session.flush()
     body = JobPublic.from_row(job).model_dump(mode="json")
@@ -258,6 +253,30 @@ def create_job(
             session.commit()
         raise
     return JSONResponse(body, status_code=201)
+
+
+def _stats(plan: Plan) -> dict[str, Any] | None:
+    return plan.stats.as_dict() if plan.stats else None
+
+
+def plan_only(payload: JobCreate, session: Session, settings: Any, tenant: str) -> JobPlanPublic:
+    """The dry run: the resolved config, auto's reasons and the estimates; nothing stored."""
+    dataset = find_dataset(session, tenant, payload.dataset_id)
+    if dataset.status != "ready":
+        raise ApiError(409, "dataset_not_ready", f"dataset {dataset.id} is {dataset.status}",
+                       "dataset_id")
+    gpus, nodes = payload.resources.gpus, payload.resources.nodes
+    plan = plan_job(session, settings, dataset, payload.preset, payload.config, gpus, nodes)
+    return JobPlanPublic(
+        preset=payload.preset or AUTO,
+        config=plan.config.model_dump(mode="json"),
+        reasons=plan.reasons,
+        dataset_stats=_stats(plan),
+        estimates=[
+            CostEstimatePublic(**e)
+            for e in estimates(plan, dataset.num_images or 0, gpus * nodes)
+        ],
+    )
 
 
 @router.get("", response_model=JobsPublic)
@@ -346,6 +365,7 @@ def ensure_dataset_usable(session: Session, tenant: str, dataset_id: str) -> Non
     status_code=202,
     response_model=JobPublic,
     responses={
+        200: {"model": JobPlanPublic, "description": "`dry_run`: the plan; nothing queued."},
         403: {"description": "Over the tenant's stored-bytes limit (`storage_limit_exceeded`)."},
         409: {"description": "`job_not_resumable`, or `dataset_not_ready`."},
         429: {"description": "The tenant has its limit of active jobs (`too_many_active_jobs`)."},
