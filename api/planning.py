@@ -111,8 +111,9 @@ def estimates(plan: Plan, num_images: int, ranks: int) -> list[dict[str, Any]]:
     that fits (or on the assumed machine when none is live)."""
     machines = plan.machines or [(UNKNOWN_MACHINE, 0)]
     out = []
+    side = plan.stats.median_short_side if plan.stats else 224
     for machine, workers in machines:
-        cost = estimate(plan.config, num_images, machine, ranks)
+        cost = estimate(plan.config, num_images, machine, ranks, side * side)
         fits = machine.memory_gib is None or cost.peak_memory_gib <= machine.memory_gib
         out.append({**cost.as_dict(), "workers": workers, "device": machine.device,
                     "machine_gflops": machine.gflops, "fits_memory": fits})

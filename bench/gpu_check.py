@@ -48,7 +48,8 @@ from swav_core.distributed import free_port, set_spawn_env
 from swav_core.loss import swav_loss
 from swav_core.model import SwAVModel
 from swav_core.synthetic import SHAPES, shape_image, write_shapes_dataset
-from swav_core.trainer import autocast_context, build_optimizer, train
+from swav_core.trainer import autocast_context, train
+from swav_core.training_state import build_optimizer
 
 # tests/test_trainer.py::test_two_gloo_ranks_match_one_process derives these bounds: at
 # lr 0.01 rounding differences between 1 and 2 ranks stay near 5e-5 after 4 steps, while

@@ -34,7 +34,8 @@ from swav_core.loss import swav_loss
 from swav_core.model import SwAVModel
 from swav_core.multicrop import MultiCropTransform
 from swav_core.synthetic import SHAPES, shape_image
-from swav_core.trainer import autocast_context, build_optimizer, train
+from swav_core.trainer import autocast_context, train
+from swav_core.training_state import build_optimizer
 
 
 def write_jpegs(root: Path, count: int, size: int) -> Path:

@@ -242,9 +242,9 @@ def _resolve(
         return config_from(preset, **overrides), {}, None
     scan = scan_image_folder(data)
     machine = measure_machine()
-    config, reasons = resolve_config(preset, overrides, DatasetStats.from_scan(scan), machine,
-                                     ranks)
-    cost = estimate(config, len(scan.files), machine, ranks)
+    stats = DatasetStats.from_scan(scan)
+    config, reasons = resolve_config(preset, overrides, stats, machine, ranks)
+    cost = estimate(config, len(scan.files), machine, ranks, stats.median_short_side**2)
     return config, reasons, {**cost.as_dict(), "machine_gflops": machine.gflops}
 
 

@@ -36,7 +36,9 @@ class Machine:
     """One rank's device as the recipe and the estimates see it.
 
     `gflops` is the measured training throughput (FLOPs of forward + backward per second)
-    of a reference ResNet step in `precision`; `cpu_cores` the cores left for data loading.
+    of a reference ResNet step in `precision`; `cpu_cores` the cores for data loading and,
+    on a CPU, for the step as well; `crop_ms` and `decode_ms_per_mpixel` the measured cost
+    of the data path on one core.
     """
 
     device: Literal["cpu", "cuda"]
@@ -45,6 +47,10 @@ class Machine:
     cpu_cores: int
     memory_gib: float | None = None
     name: str = ""
+    # One core's data work: milliseconds per augmented crop (PIL, at 32-64 px) and per
+    # decoded megapixel of source image.
+    crop_ms: float = 0.8
+    decode_ms_per_mpixel: float = 40.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,11 +117,36 @@ def peak_memory_gib(config: TrainConfig, ranks: int) -> float:
     return (parameters * BYTES_PER_PARAMETER + activations * per_rank) / 2**30
 
 
-def estimate(config: TrainConfig, num_images: int, machine: Machine, ranks: int) -> CostEstimate:
-    """Time per epoch and in all (epochs, or the budget when set) and peak memory per rank."""
+def seconds_per_image(
+    config: TrainConfig, machine: Machine, source_pixels: float
+) -> float:
+    """One rank's wall time per image: the step's compute and the data path's decode and
+    crops, which overlap on a GPU machine (separate resources) and half overlap on a CPU,
+    where the loader workers and the step share the cores (fitted on this project's
+    2-core machine to within ~20% for three widths on MNIST and ELPV)."""
+    compute = training_gflops_per_image(config) / machine.gflops
+    data_ms = config.total_crops * machine.crop_ms + (
+        source_pixels / 1e6 * machine.decode_ms_per_mpixel
+    )
+    data = data_ms / 1000 / max(1, config.num_workers)
+    if machine.device == "cuda":
+        return max(compute, data)
+    return max(compute, data) + 0.5 * min(compute, data)
+
+
+def estimate(
+    config: TrainConfig,
+    num_images: int,
+    machine: Machine,
+    ranks: int,
+    source_pixels: float = 224 * 224,
+) -> CostEstimate:
+    """Time per epoch and in all (epochs, or the budget when set) and peak memory per rank,
+    for images of `source_pixels` pixels (width x height) on average."""
     gflops = training_gflops_per_image(config)
     steps = num_images // config.batch_size
-    per_epoch = steps * config.batch_size * gflops / (machine.gflops * max(1, ranks))
+    per_epoch = steps * config.batch_size * seconds_per_image(config, machine, source_pixels)
+    per_epoch /= max(1, ranks)
     total = config.budget_s if config.budget_s is not None else per_epoch * config.epochs
     return CostEstimate(
         gflops_per_image=gflops,
@@ -170,6 +201,7 @@ def measure_machine(device: torch.device | None = None, seconds: float = 1.0) ->
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
+    crop_ms, decode_ms = _data_costs()
     flops = steps * _PROBE_BATCH * TRAIN_FLOPS_PER_FORWARD * backbone_gflops(
         _PROBE_BACKBONE, _PROBE_SIZE, _PROBE_SIZE
     )
@@ -181,13 +213,43 @@ def measure_machine(device: torch.device | None = None, seconds: float = 1.0) ->
         cpu_cores=max(1, cores or 1),
         memory_gib=None if memory is None else round(memory, 1),
         name=name,
+        crop_ms=round(crop_ms, 3),
+        decode_ms_per_mpixel=round(decode_ms, 2),
     )
 
 
+def _data_costs(samples: int = 24) -> tuple[float, float]:
+    """(ms per augmented 48 px crop, ms per decoded megapixel of PNG) on this core."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from swav_core.multicrop import crop_transform
+
+    rng = np.random.default_rng(0)
+    source = Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    png = io.BytesIO()
+    source.save(png, "PNG")
+    transform = crop_transform(48, 0.3, 1.0)
+    transform(source)  # warm-up: the first call pays for lazy set-up
+    start = time.perf_counter()
+    for _ in range(samples):
+        transform(source)
+    crop_ms = 1000 * (time.perf_counter() - start) / samples
+    start = time.perf_counter()
+    for _ in range(samples):
+        png.seek(0)
+        with Image.open(png) as image:
+            image.convert("RGB")
+    decode_ms = 1000 * (time.perf_counter() - start) / samples / (256 * 256 / 1e6)
+    return crop_ms, decode_ms
+
+
 def epochs_in(seconds: float, config: TrainConfig, num_images: int, machine: Machine,
-              ranks: int) -> float:
+              ranks: int, source_pixels: float = 224 * 224) -> float:
     """How many epochs of `config` fit in `seconds` by the estimate (fractional)."""
-    per_epoch = estimate(config, num_images, machine, ranks).seconds_per_epoch
+    per_epoch = estimate(config, num_images, machine, ranks, source_pixels).seconds_per_epoch
     return seconds / per_epoch if per_epoch > 0 else math.inf
 
 

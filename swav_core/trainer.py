@@ -2,15 +2,14 @@
 
 `_train` reads top to bottom through set-up, data, model, optimiser, resume and the
 loop; the per-step math lives in the small tested modules it calls (step, sinkhorn,
-loss, queue, schedule, lars), the budget fit in `budget` and collapse handling in
-`collapse`. `TrainingState` holds what a checkpoint saves and restores. The same entry
-point runs alone, under torchrun, or in processes started by `swav_core.spawn`; rank 0
-writes checkpoints and events (see `swav_core.events` for their kinds).
+loss, queue, schedule, lars), the budget fit in `budget`, collapse handling in
+`collapse`, and what a checkpoint saves and restores in `training_state`. The same
+entry point runs alone, under torchrun, or in processes started by `swav_core.spawn`;
+rank 0 writes checkpoints and events (see `swav_core.events` for their kinds).
 """
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -23,14 +22,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from swav_core.budget import BudgetFitter, ScheduleFit
+from swav_core.budget import BudgetFitter
 from swav_core.checkpoint import (
     CheckpointInfo,
-    capture_rng_state,
     list_checkpoints,
     load_checkpoint,
     load_latest_checkpoint,
-    restore_rng_state,
     save_checkpoint,
     sidecar_path,
 )
@@ -47,35 +44,22 @@ from swav_core.distributed import (
     all_reduce_mean,
     any_rank,
     distributed_context,
-    gather_tensors,
 )
 from swav_core.errors import CollapsedError, ConfigError, NonFiniteLossError
 from swav_core.events import EventCallback, EventSink
-from swav_core.lars import LARS, parameter_groups
 from swav_core.model import SwAVModel
 from swav_core.multicrop import MultiCropTransform
-from swav_core.queue import FeatureQueue
-from swav_core.schedule import learning_rate
 from swav_core.step import swav_step
 from swav_core.sync_batchnorm import convert_batchnorm
+from swav_core.training_state import (
+    TrainingState,
+    check_resumable,
+    checkpoint_cost_s,
+    checkpoints_per_step,
+    recovered,
+)
 
 StopCallback = Callable[[], bool]
-
-# Fields that may differ between a run and its resume: they change no computed value.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "num_workers",
-        "log_every_steps",
-        "checkpoint_every_steps",
-        "checkpoint_every_epochs",
-        "keep_last",
-        "checkpoint_at_start",
-    }
-)
-# A provisional length for a budgeted run before its fit: long enough that the cosine
-# has not moved, since the measurement happens in the first percent of the run.
-_UNFITTED_TOTAL_STEPS = 1 << 40
-
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -85,15 +69,6 @@ class TrainResult:
     epoch: int
     loss: float | None
     checkpoint: CheckpointInfo | None
-
-
-def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, config.weight_decay, config.lars_exclude_bias_bn)
-    if config.optimizer == "lars":
-        return LARS(groups, lr=config.base_lr, momentum=config.momentum, eta=config.lars_eta)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.base_lr, momentum=config.momentum)
-    return torch.optim.AdamW(groups, lr=config.base_lr)
 
 
 def autocast_context(config: TrainConfig, device: torch.device) -> Any:
@@ -110,156 +85,6 @@ def freeze_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     if config.freeze_prototypes_unit == "epochs":
         return config.freeze_prototypes * steps_per_epoch
     return config.freeze_prototypes
-
-
-def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
-    current = config.model_dump(mode="json")
-    changed = sorted(
-        key
-        for key in current
-        if key not in RESUMABLE_CHANGES and saved.get(key, current[key]) != current[key]
-    )
-    if changed:
-        raise ConfigError(
-            f"cannot resume: the checkpoint was trained with other values of {', '.join(changed)}; "
-            "use the same config or a new run directory"
-        )
-
-
-def queue_slice(saved: list[dict[str, Any]], rank: int, world_size: int) -> dict[str, Any]:
-    """This rank's queue from every rank's saved queues, re-sharded if the world size changed."""
-    if len(saved) == world_size:
-        return saved[rank]
-    features = torch.cat([q["features"] for q in saved], dim=1)  # (A, total length, D)
-    filled = sum(int(q["filled"]) for q in saved) // world_size
-    return {"features": features.chunk(world_size, dim=1)[rank], "filled": filled}
-
-
-def checkpoints_per_step(config: TrainConfig, steps_per_epoch: int) -> float:
-    """How many checkpoints a step causes on average (for the budget's reserve)."""
-    rate = 0.0
-    if config.checkpoint_every_epochs:
-        rate += 1 / (config.checkpoint_every_epochs * steps_per_epoch)
-    if config.checkpoint_every_steps:
-        rate += 1 / config.checkpoint_every_steps
-    return rate
-
-
-class TrainingState:
-    """Model, optimiser, scaler, queue and counters: what a checkpoint saves and restores."""
-
-    def __init__(
-        self, config: TrainConfig, model: SwAVModel, ctx: DistContext, steps_per_epoch: int
-    ) -> None:
-        self.config = config
-        self.model = model
-        self.ctx = ctx
-        self.steps_per_epoch = steps_per_epoch
-        self.optimizer = build_optimizer(config, model)
-        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.precision == "fp16")
-        self.initial = {k: v.clone() for k, v in model.state_dict().items()}
-        self.queue: FeatureQueue | None = None
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.loss: float | None = None
-        self.fit: ScheduleFit | None = None
-        self.recoveries: list[dict[str, Any]] = []
-        self.started_at = time.monotonic()  # moved back on resume by the time already spent
-
-    @property
-    def total_steps(self) -> int:
-        if self.fit is not None:
-            return self.fit.total_steps
-        if self.config.budget_s is not None:
-            return _UNFITTED_TOTAL_STEPS
-        return self.config.epochs * self.steps_per_epoch
-
-    @property
-    def planned_steps(self) -> int | None:
-        """total_steps, or None while a budgeted run has not been fitted yet."""
-        return None if self.total_steps == _UNFITTED_TOTAL_STEPS else self.total_steps
-
-    @property
-    def warmup_steps(self) -> int:
-        if self.fit is not None:
-            return self.fit.warmup_steps
-        return round(self.config.warmup_epochs * self.steps_per_epoch)
-
-    def learning_rate(self) -> float:
-        c = self.config
-        return learning_rate(
-            self.step, self.total_steps, self.warmup_steps, c.base_lr, c.final_lr, c.start_warmup_lr
-        )
-
-    def new_queue(self) -> FeatureQueue:
-        c = self.config
-        length = c.queue_length // self.ctx.world_size
-        return FeatureQueue(len(c.crops_for_assign), length, c.feat_dim, self.ctx.device)
-
-    def state_dict(self, dataset_fingerprint: str) -> dict[str, Any]:
-        """The checkpoint; every rank joins the queue gather, so call it on every rank."""
-        queues = None
-        if self.queue is not None:
-            gathered = gather_tensors(self.queue.features)
-            queues = [{"features": f.cpu(), "filled": self.queue.filled} for f in gathered]
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "total_steps": self.planned_steps,
-            "schedule_fit": self.fit.as_dict() if self.fit else None,
-            "elapsed_s": time.monotonic() - self.started_at,
-            "recoveries": self.recoveries,
-            "queues": queues,
-            "rng": capture_rng_state(),
-            "config": self.config.model_dump(mode="json"),
-            "dataset_fingerprint": dataset_fingerprint,
-            "world_size": self.ctx.world_size,
-            "loss": self.loss,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch = state["step"], state["epoch"]
-        self.batch_in_epoch, self.loss = state["batch_in_epoch"], state["loss"]
-        self.fit = ScheduleFit(**state["schedule_fit"]) if state.get("schedule_fit") else None
-        self.started_at = time.monotonic() - float(state.get("elapsed_s", 0.0))
-        self.recoveries = list(state.get("recoveries") or [])
-        self.queue = None
-        if state["queues"] is not None:
-            self.queue = self.new_queue()
-            self.queue.load_state_dict(
-                queue_slice(state["queues"], self.ctx.rank, self.ctx.world_size)
-            )
-        restore_rng_state(state["rng"])
-
-    def restart_from_scratch(self, seed: int) -> None:
-        """Back to the initial weights, step 0 (a rollback with no earlier checkpoint)."""
-        self.model.load_state_dict(self.initial)
-        self.optimizer = build_optimizer(self.config, self.model)
-        self.scaler = torch.amp.GradScaler(
-            self.ctx.device.type, enabled=self.config.precision == "fp16"
-        )
-        self.queue, self.step, self.epoch, self.batch_in_epoch, self.loss = None, 0, 0, 0, None
-        torch.manual_seed(seed)
-
-
-def recovered(config: TrainConfig, state: dict[str, Any]) -> TrainConfig:
-    """The job's config with the rollbacks recorded in a checkpoint applied."""
-    for recovery in state.get("recoveries") or []:
-        config = config.with_overrides(**recovery["overrides"])
-    return config
-
-
-def checkpoint_cost_s(state: dict[str, Any]) -> float:
-    """Seconds to serialise a checkpoint in memory, doubled for the disk write and hash."""
-    start = time.perf_counter()
-    torch.save(state, io.BytesIO())
-    return 2 * (time.perf_counter() - start)
 
 
 def train(

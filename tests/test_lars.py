@@ -16,7 +16,7 @@ from torch import nn
 from swav_core.config import config_from
 from swav_core.lars import LARS, parameter_groups
 from swav_core.model import SwAVModel
-from swav_core.trainer import build_optimizer
+from swav_core.training_state import build_optimizer
 
 
 def larc_sgd_oracle(

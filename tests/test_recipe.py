@@ -16,7 +16,7 @@ from swav_core.recipe import (
     resolve_config,
 )
 
-CPU = Machine(device="cpu", gflops=200.0, precision="bf16", cpu_cores=2)
+CPU = Machine(device="cpu", gflops=200.0, precision="bf16", cpu_cores=2, crop_ms=1.2)
 GPU = Machine(device="cuda", gflops=60_000.0, precision="bf16", cpu_cores=16, memory_gib=80)
 MNIST = DatasetStats(5000, 10, 28, grayscale_fraction=1.0)
 PHOTOS = DatasetStats(20_000, None, 375, grayscale_fraction=0.0)
@@ -32,8 +32,8 @@ def test_resnet_flops_match_the_published_counts() -> None:
 def test_small_image_recipe_on_a_cpu() -> None:
     recipe = auto_recipe(MNIST, CPU, budget_s=600)
     config = recipe.config()
-    assert config.size_crops == (28, 16)
-    assert config.min_scale_crops == (0.4, 0.2) and config.max_scale_crops == (1.0, 0.5)
+    assert config.size_crops == (28, 24) and config.nmb_crops == (2, 2)
+    assert config.min_scale_crops == (0.5, 0.3) and config.max_scale_crops == (1.0, 0.6)
     assert config.n_prototypes == 100  # 10 per class
     assert config.color_jitter_strength == 0.5  # grayscale
     assert config.backbone in CPU_BACKBONES and config.budget_s == 600
@@ -58,7 +58,7 @@ def test_a_smaller_budget_takes_a_narrower_backbone_with_enough_epochs() -> None
     for budget in (30, 600, 36000):
         config = auto_recipe(MNIST, CPU, budget_s=budget).config()
         if config.backbone != CPU_BACKBONES[0]:  # the narrowest is taken whatever it costs
-            per_epoch = estimate(config, MNIST.num_images, CPU, 1).seconds_per_epoch
+            per_epoch = estimate(config, MNIST.num_images, CPU, 1, 28 * 28).seconds_per_epoch
             assert budget / per_epoch >= MIN_EPOCHS
 
 
@@ -67,6 +67,14 @@ def test_without_a_budget_epochs_follow_the_dataset_size() -> None:
     assert default_epochs(5000) == 316
     assert default_epochs(1_281_167) == 30
     assert auto_recipe(MNIST, CPU).config().epochs == 316
+
+
+def test_prototypes_follow_the_classes_and_at_least_the_size() -> None:
+    assert auto_recipe(MNIST, CPU).config().n_prototypes == 100  # 10 classes x 10 = 5000/50
+    elpv = DatasetStats(2624, 2, 300, 1.0)
+    assert auto_recipe(elpv, CPU).config().n_prototypes == 52  # 2624 / 50 > 2 x 10
+    tiny = DatasetStats(200, None, 32)
+    assert auto_recipe(tiny, CPU).config().n_prototypes == 30  # the floor
 
 
 def test_overrides_win_and_are_reported_as_given() -> None:

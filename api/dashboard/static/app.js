@@ -498,6 +498,13 @@ function jobView(main, jobId, signal) {
     } else if (event.type === "warning") {
       warnings.append(h("li", { class: "warning" }, `step ${event.data.step}: `,
         event.data.message || event.data.code));
+    } else if (event.type === "collapse_recovery") {
+      warnings.append(h("li", { class: "warning" },
+        `step ${event.data.collapsed_at_step}: `, event.data.message));
+    } else if (event.type === "budget_fitted") {
+      warnings.append(h("li", { class: "note" }, `step ${event.data.fitted_at_step}: `,
+        `${event.data.total_steps} steps (${event.data.epochs} epochs) fit the `
+        + `${Math.round(event.data.budget_s)} s budget`));
     }
   }, signal, () => TERMINAL.has(lastState))
     .catch((error) => { if (!signal.aborted) toast(error.message); });
