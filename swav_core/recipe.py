@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -127,9 +128,19 @@ def default_epochs(num_images: int) -> int:
 
 
 def auto_recipe(
-    stats: DatasetStats, machine: Machine, ranks: int = 1, budget_s: float | None = None
+    stats: DatasetStats,
+    machine: Machine,
+    ranks: int = 1,
+    budget_s: float | None = None,
+    given: Mapping[str, Any] | None = None,
 ) -> Recipe:
-    """The TrainConfig fields for `stats` on `ranks` ranks of `machine` within `budget_s`."""
+    """The TrainConfig fields for `stats` on `ranks` ranks of `machine` within `budget_s`.
+
+    `given` holds fields the user set: the recipe derives from them what depends on
+    them (a given backbone or batch is not chosen again; given epochs set the length the
+    warm-up and the freeze are shares of), and they win over its own in `Recipe.config`.
+    """
+    given = dict(given or {})
     c = _Choices()
     gpu = machine.device == "cuda"
     large, small = _crop_sizes(stats, machine)
@@ -161,6 +172,7 @@ def auto_recipe(
     batch = per_rank * ranks
     while batch > max(ranks, stats.num_images // 4) and batch > ranks:
         batch = max(ranks, batch // 2 // ranks * ranks)
+    batch = int(given.get("batch_size", batch))
     c.set(
         f"{per_rank} images per rank on {ranks} rank(s): small batches take more steps per "
         "second, which a short run needs more than batch statistics",
@@ -194,9 +206,13 @@ def auto_recipe(
     candidates: tuple[str, ...] = GPU_BACKBONES if gpu else CPU_BACKBONES
     if gpu and large < 160:
         candidates = GPU_BACKBONES[:1]  # ImageNet stems waste small crops
+    if "backbone" in given:
+        candidates = (str(given["backbone"]),)
     backbone, epochs = candidates[0], None
     for name in candidates:
-        trial = Recipe({**c.fields, "backbone": name, "epochs": 1}).config()
+        trial = Recipe({**c.fields, "backbone": name, "epochs": 1}).config(
+            **{k: v for k, v in given.items() if k != "budget_s"}
+        )
         fits = (epochs_in(budget_s, trial, stats.num_images, machine, ranks,
                           stats.median_short_side**2) if budget_s else None)
         if fits is None or fits >= MIN_EPOCHS:
@@ -208,9 +224,11 @@ def auto_recipe(
         )
         c.set("fitted to the budget when the run starts", budget_s=budget_s)
         planned = max(1.0, epochs or 1.0)
+        c.set("the estimate for the budget; the run fits its own when it starts",
+              epochs=max(1, round(planned)))
     else:
         c.set(f"the largest backbone for a {machine.device} without a budget", backbone=backbone)
-        planned = default_epochs(stats.num_images)
+        planned = float(given.get("epochs", default_epochs(stats.num_images)))
         c.set(f"{REFERENCE_EPOCHS} epochs at {REFERENCE_IMAGES} images, scaled by "
               "sqrt(50 000 / images), within [30, 400]", epochs=int(planned))
 
@@ -247,7 +265,7 @@ def resolve_config(
     if stats is None or machine is None:
         raise ValueError("preset auto needs the dataset's statistics and the machine")
     budget = overrides.get("budget_s")
-    recipe = auto_recipe(stats, machine, ranks, float(budget) if budget else None)
+    recipe = auto_recipe(stats, machine, ranks, float(budget) if budget else None, overrides)
     config = recipe.config(**overrides)
     reasons = {name: why for name, why in recipe.reasons.items() if name not in overrides}
     reasons.update({name: "given in the request" for name in overrides})

@@ -98,3 +98,13 @@ def test_memory_grows_with_the_batch_and_halves_in_bf16() -> None:
     assert large > small and fp32 > large
     # ResNet-50 with 2x224 + 6x96 crops: roughly 0.3 GiB of fp32 activations per image
     assert 0.1 < (fp32 - large) / 64 / 0.5 < 0.6
+
+
+def test_derived_choices_follow_the_fields_the_user_gave() -> None:
+    config, _ = resolve_config(None, {"epochs": 20, "backbone": "small_resnet10_w16"},
+                               MNIST, CPU)
+    assert config.epochs == 20 and config.backbone == "small_resnet10_w16"
+    assert config.warmup_epochs == pytest.approx(1.0)  # 5% of the given 20 epochs
+    assert config.freeze_prototypes == max(20, round(0.02 * 20 * 5000 / 32))
+    batch, _ = resolve_config(None, {"batch_size": 64}, MNIST, CPU)
+    assert batch.base_lr == pytest.approx(0.2)  # scaled from 0.1 at 32
