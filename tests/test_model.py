@@ -23,6 +23,8 @@ EXPECTED_FEATURES = {
     "resnet101": 2048,
     "wide_resnet50_2": 2048,
     "wide_resnet101_2": 2048,
+    # Stages of w, 2w, 4w, 8w channels: 8w features.
+    **{f"small_resnet{d}_w{w}": 8 * w for d in (10, 18) for w in (16, 32, 64)},
 }
 
 

@@ -1,10 +1,13 @@
 """Quality reports and keep_best_by through the service: a real training job, a real
 short-queue worker evaluating every checkpoint, PostgreSQL and Redis.
 
-The data are the mono shapes (light shapes on dark grounds): shape is the only cue, so
-SwAV on it beats its own initial weights within a CPU-minute. With random colours it does
-not (the crops of one image share its colours, and colour alone solves the swapped
-prediction; see swav_core/synthetic.py), which is why this test does not use them.
+The job takes the default recipe (auto) with the smallest small ResNet. The data are the
+mono shapes (light shapes on dark grounds): shape is the only cue, which an untrained
+ResNet hardly separates (linear top-1 about 0.58) and 15 epochs of SwAV do (0.73-0.83
+over two seeds); cpu-tiny's toy CNN starts at 0.81-0.92 and ends within noise of it.
+With random colours SwAV does not learn shapes (the crops of one image share its
+colours, and colour alone solves the swapped prediction; see swav_core/synthetic.py),
+which is why this test does not use them.
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ def test_trained_checkpoint_beats_step_0_and_the_best_is_kept(
         dataset = upload_ready_dataset(client, pg_service, data)
         assert dataset["num_images"] == 256
         response = client.post("/v1/jobs", json={
-            "dataset_id": dataset["id"], "preset": "cpu-tiny", "keep_best_by": "linear_top1",
-            "config": {"epochs": 15, "checkpoint_at_start": True, "checkpoint_every_epochs": 5,
-                       "keep_last": 2},
+            "dataset_id": dataset["id"], "keep_best_by": "linear_top1",
+            "config": {"backbone": "small_resnet10_w16", "epochs": 15,
+                       "checkpoint_at_start": True, "checkpoint_every_epochs": 5, "keep_last": 2},
         })
         assert response.status_code == 201, response.text
         job = response.json()
@@ -62,7 +65,7 @@ def test_trained_checkpoint_beats_step_0_and_the_best_is_kept(
     by_step = {(r["step"], r["final"]): r for r in rows}
     assert sorted(by_step) == [(0, False), (40, False), (80, False), (120, True)]
     initial, final = by_step[(0, False)], by_step[(120, True)]
-    assert final["quality"]["linear_top1"] > initial["quality"]["linear_top1"]
+    assert final["quality"]["linear_top1"] > initial["quality"]["linear_top1"] + 0.05
     assert final["quality"]["n_val"] == initial["quality"]["n_val"] == 52
 
     best = next(r for r in rows if r["best"])
