@@ -18,8 +18,8 @@ demo: $(STAMP)
 	$(BIN)/python -m api.demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check swav_core api worker swav_client migrations tests bench
-	$(BIN)/mypy swav_core api worker swav_client
+	$(BIN)/ruff check swav_core swav_service api worker swav_client migrations tests bench
+	$(BIN)/mypy swav_core swav_service api worker swav_client
 
 # tests/test_dashboard.py drives Debian's headless chromium through chromium-driver (no
 # browser download at test time); installed here when missing.

@@ -21,7 +21,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.models import ApiKey, new_id, utcnow
+from swav_service.models import ApiKey, new_id, utcnow
 
 KEY_SCHEME = "swav_"
 PREFIX_CHARS = len(KEY_SCHEME) + 8

@@ -19,7 +19,7 @@ def migrate(revision: str = "head") -> None:
     from alembic import command
     from alembic.config import Config
 
-    from api.settings import get_settings
+    from swav_service.settings import get_settings
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -33,7 +33,7 @@ def create_key(tenant: str, name: str | None) -> int:
     """Print a new key for `tenant`; the key alone on the last line, shown only this once."""
     from api.auth import ApiKeyError
     from api.auth import create_key as make_key
-    from api.db import get_sessionmaker
+    from swav_service.db import get_sessionmaker
 
     try:
         with get_sessionmaker()() as session:
@@ -51,7 +51,7 @@ def revoke_key(id_or_prefix: str) -> int:
     """Revoke a key by id or prefix; requests with it answer 401 from now on."""
     from api.auth import ApiKeyError
     from api.auth import revoke_key as revoke
-    from api.db import get_sessionmaker
+    from swav_service.db import get_sessionmaker
 
     try:
         with get_sessionmaker()() as session:
@@ -66,7 +66,7 @@ def revoke_key(id_or_prefix: str) -> int:
 def list_keys(tenant: str | None) -> int:
     """One line per key: id, prefix, tenant, created, revoked (or `active`), name."""
     from api.auth import list_keys as keys
-    from api.db import get_sessionmaker
+    from swav_service.db import get_sessionmaker
 
     with get_sessionmaker()() as session:
         rows = keys(session, tenant)
@@ -113,7 +113,7 @@ def worker_command(
 
 def up(host: str, port: int) -> int:
     """Migrate, then run the API, a training worker and a short-task worker until Ctrl-C."""
-    from api.settings import get_settings
+    from swav_service.settings import get_settings
 
     migrate()
     settings = get_settings()

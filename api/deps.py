@@ -10,9 +10,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.auth import LOCAL_TENANT, authenticate
-from api.db import get_sessionmaker
 from api.errors import ApiError
-from api.settings import Settings, get_settings
+from swav_service.db import get_sessionmaker
+from swav_service.settings import Settings, get_settings
 
 bearer = HTTPBearer(
     auto_error=False,

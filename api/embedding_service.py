@@ -48,10 +48,10 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError
-from api.models import Checkpoint, Job
 from api.routes.checkpoints import stored_path
-from api.settings import Settings
 from swav_core.errors import CheckpointError
+from swav_service.models import Checkpoint, Job
+from swav_service.settings import Settings
 
 if TYPE_CHECKING:
     import torch
@@ -513,7 +513,7 @@ class EmbeddingService:
         return resolved
 
     def _resolve(self, tenant: str, identifier: str) -> ResolvedModel:
-        from api.db import get_sessionmaker
+        from swav_service.db import get_sessionmaker
 
         with get_sessionmaker()() as session:  # short: not held while embedding
             return resolve_model(session, self.settings, tenant, identifier)

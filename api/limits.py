@@ -18,8 +18,8 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
-from api.models import ACTIVE_JOB_STATUSES, Checkpoint, Dataset, Job
-from api.settings import Settings
+from swav_service.models import ACTIVE_JOB_STATUSES, Checkpoint, Dataset, Job
+from swav_service.settings import Settings
 
 
 def human_bytes(size: int) -> str:

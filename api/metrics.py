@@ -44,8 +44,8 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.db import get_sessionmaker
-from api.models import (
+from swav_service.db import get_sessionmaker
+from swav_service.models import (
     JOB_STATUSES,
     TERMINAL_JOB_STATUSES,
     Dataset,
@@ -54,7 +54,7 @@ from api.models import (
     Worker,
     utcnow,
 )
-from api.settings import Settings, get_settings
+from swav_service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError, validation_error
-from api.models import MAX_INTEGER, Dataset, Worker, utcnow
-from api.settings import Settings
 from swav_core.config import TrainConfig, preset_names
 from swav_core.costs import Machine, estimate
 from swav_core.recipe import AUTO, DatasetStats, resolve_config
+from swav_service.models import MAX_INTEGER, Dataset, Worker, utcnow
+from swav_service.settings import Settings
 
 # Assumed when no live worker has reported a profile: two CPU cores, fp32, at the pace
 # this project's 2-core CI machine measures in fp32 (bench/quality.py prints it).

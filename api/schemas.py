@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.models import Checkpoint, Dataset, EmbeddingJob, Job, JobEvent
+from swav_service.models import Checkpoint, Dataset, EmbeddingJob, Job, JobEvent
 
 QualityMetric = Literal["knn_top1", "linear_top1"]
 

@@ -28,9 +28,9 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from api.db import make_engine
-from api.models import Dataset, Job, new_id
 from swav_core.config import config_from
+from swav_service.db import make_engine
+from swav_service.models import Dataset, Job, new_id
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"

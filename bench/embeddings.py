@@ -42,12 +42,12 @@ import torch
 from PIL import Image
 from sqlalchemy.orm import Session
 
-from api.db import make_engine
-from api.models import Checkpoint, Dataset, Job, new_id
 from swav_core.checkpoint import load_model, save_checkpoint
 from swav_core.config import config_from
 from swav_core.embed import embed, preprocess
 from swav_core.model import SwAVModel
+from swav_service.db import make_engine
+from swav_service.models import Checkpoint, Dataset, Job, new_id
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -1,13 +1,14 @@
-"""Alembic environment: the URL comes from the service settings, the metadata from api.models."""
+"""Alembic environment: the URL comes from the service settings, the metadata from
+swav_service.models."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from api.db import sqlalchemy_url
-from api.models import Base
-from api.settings import get_settings
+from swav_service.db import sqlalchemy_url
+from swav_service.models import Base
+from swav_service.settings import get_settings
 
 target_metadata = Base.metadata
 

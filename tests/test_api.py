@@ -28,10 +28,10 @@ import redis
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from api.db import make_engine
-from api.models import Checkpoint, Dataset, Job, new_id
-from api.settings import Settings
-from api.store import append_event, change_status
+from swav_service.db import make_engine
+from swav_service.job_state import append_event, change_status
+from swav_service.models import Checkpoint, Dataset, Job, new_id
+from swav_service.settings import Settings
 from tests.conftest import (
     Service,
     create_database,

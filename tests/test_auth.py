@@ -27,9 +27,9 @@ import redis
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from api.db import make_engine
 from api.limits import human_bytes
-from api.models import ApiKey, Checkpoint, Dataset, EmbeddingJob, Job, new_id
+from swav_service.db import make_engine
+from swav_service.models import ApiKey, Checkpoint, Dataset, EmbeddingJob, Job, new_id
 from tests.conftest import Service, create_database, drop_database, migrate, service_env
 
 LIMITS = {

@@ -34,8 +34,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from sqlalchemy.engine import make_url
 
-from api.db import make_engine
-from api.settings import Settings
+from swav_service.db import make_engine
+from swav_service.settings import Settings
 from tests.conftest import (
     BIN,
     REDIS_URL,

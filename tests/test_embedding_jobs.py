@@ -19,13 +19,13 @@ import torch
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from api.db import make_engine
-from api.models import Checkpoint, Dataset, EmbeddingJob, Job, new_id
 from swav_core.checkpoint import save_checkpoint
 from swav_core.config import config_from
 from swav_core.data import scan_image_folder
 from swav_core.model import SwAVModel
 from swav_core.synthetic import write_shapes_dataset
+from swav_service.db import make_engine
+from swav_service.models import Checkpoint, Dataset, EmbeddingJob, Job, new_id
 from tests.conftest import Service
 from tests.test_service_e2e import wait_for
 

@@ -28,13 +28,13 @@ from PIL import Image
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from api.db import make_engine
-from api.models import Checkpoint, Dataset, Job, new_id
 from swav_core.checkpoint import load_model, save_checkpoint
 from swav_core.config import config_from
 from swav_core.data import load_rgb
 from swav_core.embed import embed
 from swav_core.model import SwAVModel
+from swav_service.db import make_engine
+from swav_service.models import Checkpoint, Dataset, Job, new_id
 from tests.conftest import Service, create_database, drop_database, migrate, service_env
 
 ENVELOPE_KEYS = {"code", "message", "param"}

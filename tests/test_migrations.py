@@ -1,5 +1,5 @@
 """Alembic migrations: upgrade, downgrade and upgrade again on a fresh database, and the
-migrated schema equals what api.models declares (so no model change ships without one).
+migrated schema equals what swav_service.models declares (so no model change ships without one).
 
 PostgreSQL is the production database; SQLite is the embedded default, so both run.
 """
@@ -17,8 +17,8 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from api.db import make_engine
-from api.models import Base
+from swav_service.db import make_engine
+from swav_service.models import Base
 from tests.conftest import BIN, ROOT, create_database, drop_database, service_env
 
 TABLES = {

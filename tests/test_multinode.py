@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 from sqlalchemy import select
 
-from api.db import make_engine
-from api.models import JobRank
+from swav_service.db import make_engine
+from swav_service.models import JobRank
 from tests.conftest import Service
 from tests.test_recovery import (
     FAST_LEASES,

@@ -22,9 +22,9 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from api.db import make_engine
-from api.models import Job
-from api.settings import Settings
+from swav_service.db import make_engine
+from swav_service.models import Job
+from swav_service.settings import Settings
 from tests.conftest import REDIS_URL, Service
 from tests.test_service_e2e import upload_ready_dataset, wait_for
 from worker.celery_app import TRAIN_TASK, create_celery

@@ -15,8 +15,8 @@ import httpx
 import torch
 from sqlalchemy import select
 
-from api.db import make_engine
-from api.models import Worker
+from swav_service.db import make_engine
+from swav_service.models import Worker
 from tests.conftest import Service
 from tests.test_recovery import events_of, job_of, wait_status
 from tests.test_service_e2e import upload_ready_dataset

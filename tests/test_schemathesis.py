@@ -33,11 +33,11 @@ import redis
 import torch
 from sqlalchemy.orm import Session
 
-from api.db import make_engine
-from api.models import Checkpoint, Dataset, EmbeddingJob, Job, new_id
 from swav_core.checkpoint import save_checkpoint
 from swav_core.config import config_from
 from swav_core.model import SwAVModel
+from swav_service.db import make_engine
+from swav_service.models import Checkpoint, Dataset, EmbeddingJob, Job, new_id
 from tests.conftest import BIN, Service, create_database, drop_database, migrate, service_env
 
 MAX_EXAMPLES = 12  # per operation and phase; with the coverage phase about 1 500 requests

@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from api.settings import Settings, get_settings
+from swav_service.settings import Settings, get_settings
 
 INGEST_TASK = "worker.tasks.ingest_dataset"
 TRAIN_TASK = "worker.tasks.run_job"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from api.settings import get_settings
+from swav_service.settings import get_settings
 from worker.celery_app import EMBED_TASK, EVAL_TASK, INGEST_TASK, TRAIN_TASK, app
 from worker.resources import train_queue_for
 

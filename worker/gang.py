@@ -40,11 +40,11 @@ from sqlalchemy import ColumnElement, and_, delete, func, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from api.db import session_scope
-from api.models import Job, JobRank, utcnow
-from api.settings import Settings
-from api.store import append_event, change_status
 from swav_core.distributed import free_port
+from swav_service.db import session_scope
+from swav_service.job_state import append_event, change_status
+from swav_service.models import Job, JobRank, utcnow
+from swav_service.settings import Settings
 from worker.dispatch import enqueue_job
 from worker.launch import NodeLaunch, child_command
 from worker.resources import worker_address

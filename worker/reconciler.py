@@ -33,10 +33,10 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 
-from api.db import session_scope
-from api.models import Job, Worker, utcnow
-from api.settings import Settings
-from api.store import append_event, change_status
+from swav_service.db import session_scope
+from swav_service.job_state import append_event, change_status
+from swav_service.models import Job, Worker, utcnow
+from swav_service.settings import Settings
 from worker.celery_app import TRAIN_TASK, app
 from worker.dispatch import enqueue_job
 from worker.gang import live_ranks, release_ranks

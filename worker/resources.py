@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from api.settings import Settings
+from swav_service.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,11 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from api.db import session_scope
-from api.models import Checkpoint, Dataset, Job, new_id, utcnow
-from api.settings import Settings
-from api.storage import ArtifactStore, StorageError, artifact_store, sidecar
-from api.store import append_event, change_status
+from swav_service.db import session_scope
+from swav_service.job_state import append_event, change_status
+from swav_service.models import Checkpoint, Dataset, Job, new_id, utcnow
+from swav_service.settings import Settings
+from swav_service.storage import ArtifactStore, StorageError, artifact_store, sidecar
 from worker.dispatch import enqueue_evaluation, enqueue_job
 from worker.launch import NodeLaunch, child_command, die_with_parent
 
@@ -152,7 +152,7 @@ class Relay:
     so a database outage delays events but loses none. Metric events update the job row
     every time and enter the event log at most every `events_metrics_every_s`.
 
-    With a remote artifact store (api/storage.py), a checkpoint event waits, and the
+    With a remote artifact store (swav_service/storage.py), a checkpoint event waits, and the
     events after it, until its files are uploaded (in a thread, so the lease is renewed
     meanwhile): a recorded checkpoint can be downloaded from any machine.
     """

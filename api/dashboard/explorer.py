@@ -38,11 +38,9 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from api.dashboard.index import ExplorerIndex, IndexCache, load_index
-from api.db import get_sessionmaker
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.embedding_service import ALLOWED_FORMATS, Layer, ResolvedModel
 from api.errors import ApiError, not_found
-from api.models import EmbeddingJob
 from api.routes.checkpoints import stored_path
 from api.routes.datasets import find_dataset
 from api.routes.embedding_jobs import (
@@ -61,7 +59,9 @@ from api.routes.embeddings import (
 )
 from api.routes.jobs import find_job
 from api.schemas import EmbeddingJobCreate
-from api.settings import Settings
+from swav_service.db import get_sessionmaker
+from swav_service.models import EmbeddingJob
+from swav_service.settings import Settings
 
 router = APIRouter(tags=["explorer"])
 

@@ -1,7 +1,7 @@
 """Checkpoints of a job, and their download as the training state or as safetensors.
 
 `full` is the stored training checkpoint (.pt, loads with `torch.load(weights_only=True)`),
-streamed from the S3 store when there is one (api/storage.py).
+streamed from the S3 store when there is one (swav_service/storage.py).
 `safetensors` (the whole SwAV model, its config in the metadata) and `backbone` (the
 backbone alone, loadable into torchvision) are exported on first request, next to the
 checkpoint (`<name>.model.safetensors`, `<name>.backbone.safetensors`), and reused. The
@@ -22,13 +22,13 @@ from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, not_found
-from api.models import Checkpoint, Job
 from api.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
 from api.routes.jobs import find_job
 from api.schemas import CheckpointPublic, CheckpointsPublic
-from api.settings import Settings
-from api.storage import artifact_store
 from swav_core.errors import CheckpointError
+from swav_service.models import Checkpoint, Job
+from swav_service.settings import Settings
+from swav_service.storage import artifact_store
 
 router = APIRouter(tags=["checkpoints"])
 
@@ -96,7 +96,7 @@ def _gone(checkpoint_id: str) -> ApiError:
 
 def stored_path(settings: Settings, row: Checkpoint) -> Path | None:
     """The checkpoint file under the artifacts folder, or None if it is not there. With
-    an S3 store (api/storage.py), a file this machine lacks is fetched from it first."""
+    an S3 store (swav_service/storage.py), a file this machine lacks is fetched from it first."""
     root = settings.artifacts
     path = (root / row.path).resolve()
     if not path.is_relative_to(root) or not artifact_store(settings).fetch(path):

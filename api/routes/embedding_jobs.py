@@ -28,12 +28,12 @@ from sqlalchemy.orm import Session
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, not_found
 from api.limits import storage_left
-from api.models import Checkpoint, Dataset, EmbeddingJob, Job, new_id
 from api.routes.checkpoints import find_checkpoint, stored_path
 from api.routes.datasets import find_dataset
 from api.routes.jobs import find_job
 from api.schemas import CheckpointPublic, EmbeddingJobCreate, EmbeddingJobPublic
-from api.settings import Settings
+from swav_service.models import Checkpoint, Dataset, EmbeddingJob, Job, new_id
+from swav_service.settings import Settings
 from worker.dispatch import enqueue_embedding, enqueue_evaluation
 
 router = APIRouter(tags=["embedding jobs"])

@@ -23,7 +23,7 @@ from api.deps import SettingsDep, TenantDep
 from api.embedding_service import EmbeddingService, EncodingFormat, Layer
 from api.errors import ApiError, validation_error
 from api.limits import RateLimiter, rate_limited
-from api.settings import Settings
+from swav_service.settings import Settings
 
 router = APIRouter(tags=["embeddings"])
 
@@ -123,7 +123,7 @@ def get_service(request: Request) -> EmbeddingService:
     """The API process's embedding service, made on first use."""
     service: EmbeddingService | None = getattr(request.app.state, "embedding_service", None)
     if service is None:
-        from api.settings import get_settings
+        from swav_service.settings import get_settings
 
         service = EmbeddingService(get_settings())
         request.app.state.embedding_service = service

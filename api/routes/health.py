@@ -7,11 +7,11 @@ import tempfile
 from fastapi import APIRouter
 from sqlalchemy import text
 
-from api.db import get_engine
 from api.deps import SettingsDep
 from api.errors import ApiError
 from api.schemas import Health, Readiness
-from api.settings import Settings
+from swav_service.db import get_engine
+from swav_service.settings import Settings
 
 router = APIRouter(tags=["health"])
 

@@ -23,20 +23,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.db import get_sessionmaker
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, not_found
 from api.limits import check_active_jobs, lock_tenant, storage_left
-from api.models import (
-    JOB_STATUSES,
-    MAX_INTEGER,
-    TERMINAL_JOB_STATUSES,
-    IdempotencyRecord,
-    Job,
-    JobEvent,
-    new_id,
-    utcnow,
-)
 from api.pagination import DEFAULT_LIMIT, MAX_LIMIT, CursorQuery, LimitQuery, paginate
 from api.planning import Plan, estimates, plan_job
 from api.routes.datasets import find_dataset
@@ -49,8 +38,19 @@ from api.schemas import (
     JobPublic,
     JobsPublic,
 )
-from api.store import append_event, change_status
 from swav_core.recipe import AUTO
+from swav_service.db import get_sessionmaker
+from swav_service.job_state import append_event, change_status
+from swav_service.models import (
+    JOB_STATUSES,
+    MAX_INTEGER,
+    TERMINAL_JOB_STATUSES,
+    IdempotencyRecord,
+    Job,
+    JobEvent,
+    new_id,
+    utcnow,
+)
 from worker.dispatch import enqueue_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

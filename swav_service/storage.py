@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from api.settings import Settings
+from swav_service.settings import Settings
 
 CHUNK_BYTES = 1024 * 1024
 SIDECAR_SUFFIX = ".sha256"  # swav_core.checkpoint's, without importing torch here

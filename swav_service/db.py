@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.settings import get_settings
+from swav_service.settings import get_settings
 
 
 def sqlalchemy_url(url: str) -> str:

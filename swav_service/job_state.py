@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from api.models import ACTIVE_JOB_STATUSES, TERMINAL_JOB_STATUSES, Job, JobEvent, utcnow
+from swav_service.models import ACTIVE_JOB_STATUSES, TERMINAL_JOB_STATUSES, Job, JobEvent, utcnow
 
 
 def append_event(session: Session, job_id: str, kind: str, data: dict[str, Any]) -> JobEvent:

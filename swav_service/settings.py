@@ -72,7 +72,7 @@ class Settings(BaseSettings):
         "other nodes before it gives the rank back (and the job's message to the queue).",
     )
 
-    # Shared artifact storage (api/storage.py). The artifacts folder may itself be shared
+    # Shared artifact storage (swav_service/storage.py). The artifacts folder may itself be shared
     # (NFS); with `storage_url`, checkpoints and dataset images are also kept in an
     # S3-compatible store that every machine reads from.
     storage_url: str | None = Field(
