@@ -25,15 +25,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from swav_service.layout import SIDECAR_SUFFIX
 from swav_service.settings import Settings
 
 CHUNK_BYTES = 1024 * 1024
-SIDECAR_SUFFIX = ".sha256"  # swav_core.checkpoint's, without importing torch here
-
-
-def sidecar(path: Path) -> Path:
-    """A checkpoint's JSON sidecar (sha256, size, step), as swav_core.checkpoint names it."""
-    return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
 class StorageError(Exception):

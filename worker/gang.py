@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session
 from swav_core.distributed import free_port
 from swav_service.db import session_scope
 from swav_service.job_state import append_event, change_status
+from swav_service.layout import job_run_dir
 from swav_service.models import Job, JobRank, utcnow
 from swav_service.settings import Settings
 from worker.dispatch import enqueue_job
@@ -341,7 +342,7 @@ def run_follower(rank: RankLease, job: Job, endpoint: str, settings: Settings) -
     from worker.runner import SHUTDOWN, LeaseLost, kill_group, prepare_run_folder, start_child
 
     control = settings.job_dir(job.id) / "nodes" / str(rank.node_rank)
-    run_dir = settings.job_dir(job.id) / "run"
+    run_dir = job_run_dir(settings, job.id)
     spec = prepare_run_folder(job, control, run_dir, settings)
     (control / "job.json").write_text(json.dumps(spec))
     launch = NodeLaunch(

@@ -38,9 +38,10 @@ from sqlalchemy.orm import Session
 
 from swav_service.db import session_scope
 from swav_service.job_state import append_event, change_status
+from swav_service.layout import dataset_images_dir, job_run_dir, sidecar
 from swav_service.models import Checkpoint, Dataset, Job, new_id, utcnow
 from swav_service.settings import Settings
-from swav_service.storage import ArtifactStore, StorageError, artifact_store, sidecar
+from swav_service.storage import ArtifactStore, StorageError, artifact_store
 from worker.dispatch import enqueue_evaluation, enqueue_job
 from worker.launch import NodeLaunch, child_command, die_with_parent
 
@@ -425,7 +426,6 @@ def prepare_run_folder(
     job: Job, control_dir: Path, run_dir: Path, settings: Settings
 ) -> dict[str, Any]:
     """Clear the node's control files; the spec that its job.json gets (worker/train_child)."""
-    from worker.tasks import dataset_images_dir
 
     for folder in (control_dir, run_dir):
         folder.mkdir(parents=True, exist_ok=True)
@@ -453,7 +453,7 @@ def train_under_lease(
 ) -> None:
     """Train a claimed job (node 0 of it, with `gang`) until it ends or the lease is lost."""
     job_id = lease.job_id
-    run_dir = settings.job_dir(job_id) / "run"
+    run_dir = job_run_dir(settings, job_id)
     spec = prepare_run_folder(job, run_dir, run_dir, settings)
     (run_dir / "job.json").write_text(json.dumps(spec))
 

@@ -24,6 +24,13 @@ from swav_core.data import NoImagesError, SkippedFile, scan_image_folder
 from swav_core.errors import DataError, SwavError
 from swav_core.recipe import DatasetStats
 from swav_service.db import session_scope
+from swav_service.layout import (
+    EMBEDDINGS_FILE,
+    INDEX_FILE,
+    dataset_images_dir,
+    embeddings_dir,
+    job_run_dir,
+)
 from swav_service.models import Checkpoint, Dataset, EmbeddingJob, Job, utcnow
 from swav_service.settings import Settings, get_settings
 from swav_service.storage import StorageError, artifact_store
@@ -32,10 +39,6 @@ from worker.celery_app import EMBED_TASK, EVAL_TASK, INGEST_TASK, TRAIN_TASK, ap
 
 log = logging.getLogger(__name__)
 MAX_REPORTED_SKIPS = 1000
-
-
-def dataset_images_dir(settings: Settings, dataset_id: str) -> Path:
-    return settings.dataset_dir(dataset_id) / "images"
 
 
 def _single_top_folder(root: Path) -> Path:
@@ -180,12 +183,6 @@ def run_job(job_id: str) -> None:
 # --------------------------------------------------------------------------- embeddings
 
 EMBED_CHUNK = 256
-EMBEDDINGS_FILE = "embeddings.npy"
-INDEX_FILE = "index.json"
-
-
-def embeddings_dir(settings: Settings, embedding_job_id: str) -> Path:
-    return settings.artifacts / "embeddings" / embedding_job_id
 
 
 def _finish_embedding(embedding_job_id: str, status: str, **values: Any) -> None:
@@ -355,6 +352,6 @@ def keep_best_checkpoint(session: Any, settings: Settings, job_id: str) -> None:
             set_pinned(settings.artifacts / row.path, row.best)
     from worker.runner import mark_pruned
 
-    run_dir = settings.job_dir(job_id) / "run"
+    run_dir = job_run_dir(settings, job_id)
     prune_checkpoints(run_dir, int(job.config.get("keep_last", 1)))
     mark_pruned(session, settings, job_id)

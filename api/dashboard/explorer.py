@@ -44,8 +44,6 @@ from api.errors import ApiError, not_found
 from api.routes.checkpoints import stored_path
 from api.routes.datasets import find_dataset
 from api.routes.embedding_jobs import (
-    EMBEDDINGS_FILE,
-    INDEX_FILE,
     create_embedding_job,
     pick_checkpoint,
     ready_dataset,
@@ -60,6 +58,7 @@ from api.routes.embeddings import (
 from api.routes.jobs import find_job
 from api.schemas import EmbeddingJobCreate
 from swav_service.db import get_sessionmaker
+from swav_service.layout import EMBEDDINGS_FILE, INDEX_FILE, dataset_images_dir
 from swav_service.models import EmbeddingJob
 from swav_service.settings import Settings
 
@@ -413,8 +412,6 @@ def dataset_image_path(settings: Settings, dataset_id: str, path: str) -> Path |
     Resolved first (`..`, absolute paths and links all end elsewhere), then required to be
     inside the folder: nothing outside it is ever opened.
     """
-    from worker.tasks import dataset_images_dir  # imports torch: only when a thumbnail is due
-
     root = dataset_images_dir(settings, dataset_id).resolve()
     try:
         target = (root / path).resolve()

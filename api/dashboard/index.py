@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from swav_service.layout import EMBEDDINGS_FILE, INDEX_FILE
+
 MAX_CACHED_INDEXES = 4
 MAX_CACHED_BYTES = 1024**3  # the newest index stays even when alone over it
 PCA_SEED = 0  # torch.pca_lowrank is randomised; a fixed seed keeps the map stable
@@ -111,8 +113,8 @@ def load_index(
 ) -> ExplorerIndex:
     """Read an embedding job's files and compute their map; raises OSError / ValueError
     when the files are missing, unreadable or disagree (N rows, N paths)."""
-    vectors = np.load(folder / "embeddings.npy", allow_pickle=False)
-    paths = json.loads((folder / "index.json").read_text())
+    vectors = np.load(folder / EMBEDDINGS_FILE, allow_pickle=False)
+    paths = json.loads((folder / INDEX_FILE).read_text())
     if (
         vectors.ndim != 2
         or not isinstance(paths, list)

@@ -1,0 +1,46 @@
+"""Where the service's files live under the artifacts folder, named once.
+
+The workers write these files and the API serves them, often from different machines
+(a shared folder or the S3 store mirrors the same layout), so both sides take the paths
+and names from here instead of repeating them:
+
+    datasets/<dataset_id>/images/            the validated images of an ingested dataset
+    jobs/<job_id>/run/                       a training run (checkpoints/, events, logs)
+    embeddings/<embedding_job_id>/           a batch embedding job's two files:
+        embeddings.npy                       N x D float32 rows
+        index.json                           the N image paths, row i is the image at [i]
+
+A checkpoint's JSON sidecar (sha256, size, step) sits beside it with `SIDECAR_SUFFIX`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from swav_service.settings import Settings
+
+EMBEDDINGS_FILE = "embeddings.npy"
+INDEX_FILE = "index.json"
+# swav_core.checkpoint's suffix, repeated because importing it would import torch here;
+# tests/test_layout.py checks that the two agree.
+SIDECAR_SUFFIX = ".sha256"
+
+
+def dataset_images_dir(settings: Settings, dataset_id: str) -> Path:
+    """The folder of a dataset's validated images (what training and embedding read)."""
+    return settings.dataset_dir(dataset_id) / "images"
+
+
+def job_run_dir(settings: Settings, job_id: str) -> Path:
+    """A job's run folder: the trainer's checkpoints, events and log."""
+    return settings.job_dir(job_id) / "run"
+
+
+def embeddings_dir(settings: Settings, embedding_job_id: str) -> Path:
+    """The folder of a batch embedding job's `EMBEDDINGS_FILE` and `INDEX_FILE`."""
+    return settings.artifacts / "embeddings" / embedding_job_id
+
+
+def sidecar(path: Path) -> Path:
+    """A checkpoint's JSON sidecar (sha256, size, step), as swav_core.checkpoint names it."""
+    return path.with_name(path.name + SIDECAR_SUFFIX)
