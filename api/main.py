@@ -10,6 +10,8 @@ from api.errors import register_error_handlers
 from api.metrics import install_metrics
 from api.openapi import build_openapi
 from api.routes import checkpoints, datasets, embedding_jobs, embeddings, health, jobs
+from swav_service.dispatch import prepare_broker
+from swav_service.settings import get_settings
 
 DESCRIPTION = """SwAV self-supervised pretraining as a service.
 
@@ -24,6 +26,9 @@ only its tenant's datasets, jobs, checkpoints and embeddings: another tenant's i
 
 
 def create_app() -> FastAPI:
+    # The broker app that sends tasks is built on the first send; the embedded broker's
+    # folders are made now, so that /readyz finds them before any upload.
+    prepare_broker(get_settings())
     app = FastAPI(
         title="swav-service",
         version="0.1.0",

@@ -122,7 +122,7 @@ class RequestLatency:
 
 def broker_queue_depths(url: str, queues: list[str]) -> dict[str, int]:
     """Messages waiting in each queue's Redis lists: every priority step, and the queue's
-    sized variants too (`train.gpus2` holds 2-rank jobs, worker/resources.py)."""
+    sized variants too (`train.gpus2` holds 2-rank jobs, swav_service/dispatch.py)."""
     import redis
 
     client = redis.Redis.from_url(

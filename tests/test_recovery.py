@@ -23,11 +23,12 @@ import redis
 from sqlalchemy import select
 
 from swav_service.db import make_engine
+from swav_service.dispatch import TRAIN_TASK
 from swav_service.models import Job
 from swav_service.settings import Settings
 from tests.conftest import REDIS_URL, Service
 from tests.test_service_e2e import upload_ready_dataset, wait_for
-from worker.celery_app import TRAIN_TASK, create_celery
+from worker.celery_app import create_celery
 
 FAST_LEASES = {
     "SWAV_LEASE_TTL_S": "4",

@@ -1,8 +1,9 @@
-"""The Celery app. The broker only says "look at job X"; the database holds the state.
+"""The workers' Celery app, and what a worker does when it starts and stops.
 
-Two queues: `short` (dataset ingestion, batch embedding, checkpoint evaluation) and
-`train`, served by separate worker processes so that a short task never waits behind a
-training run. Training workers take one task at a time (prefetch 1, acks late).
+The app is made as every sender's is (swav_service.dispatch: task names, queues, routing
+and serialisation), with the task modules included. The signal handlers make a training
+worker read the queues of every job size it fits, run the heartbeat and reconciler
+thread, and hand a running job back on SIGTERM.
 """
 
 from __future__ import annotations
@@ -13,51 +14,15 @@ from typing import Any
 
 from celery import Celery, signals
 
+from swav_service.dispatch import create_app, train_queues
 from swav_service.settings import Settings, get_settings
 
-INGEST_TASK = "worker.tasks.ingest_dataset"
-TRAIN_TASK = "worker.tasks.run_job"
-EMBED_TASK = "worker.tasks.embed_dataset"
-EVAL_TASK = "worker.tasks.evaluate_checkpoint"
 SUPERVISOR: Any = None
 
 
-def broker_options(settings: Settings) -> dict[str, object]:
-    if settings.broker_url is not None:
-        return {"visibility_timeout": 12 * 3600}
-    folder = settings.broker_folder
-    for sub in ("queue", "processed", "control"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    return {
-        "data_folder_in": str(folder / "queue"),
-        "data_folder_out": str(folder / "queue"),
-        "processed_folder": str(folder / "processed"),
-        "control_folder": str(folder / "control"),
-        "store_processed": False,
-    }
-
-
 def create_celery(settings: Settings | None = None) -> Celery:
-    settings = settings or get_settings()
-    app = Celery("swav_service", broker=settings.resolved_broker_url, include=["worker.tasks"])
-    app.conf.update(
-        broker_transport_options=broker_options(settings),
-        broker_connection_retry_on_startup=True,
-        task_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
-        task_acks_late=True,
-        task_reject_on_worker_lost=False,
-        worker_prefetch_multiplier=1,
-        task_routes={
-            INGEST_TASK: {"queue": settings.short_queue},
-            TRAIN_TASK: {"queue": settings.train_queue},
-            EMBED_TASK: {"queue": settings.short_queue},
-            EVAL_TASK: {"queue": settings.short_queue},
-        },
-        worker_hijack_root_logger=False,
-    )
-    return app
+    """The worker's app: the service's Celery configuration and the task modules."""
+    return create_app(settings or get_settings(), include=["worker.tasks"])
 
 
 app = create_celery()
@@ -66,8 +31,8 @@ app = create_celery()
 @signals.celeryd_after_setup.connect
 def _consume_every_size_that_fits(sender: Any = None, instance: Any = None, **_: Any) -> None:
     """A training worker also reads the queues of jobs with more ranks per node, up to
-    what it can run (worker/resources.py): the broker never hands it a job too large."""
-    from worker.resources import detect_resources, train_queues
+    what it can run (swav_service/dispatch.py): the broker never hands it a job too large."""
+    from worker.resources import detect_resources
 
     settings = get_settings()
     queues = instance.app.amqp.queues

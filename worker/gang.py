@@ -42,11 +42,11 @@ from sqlalchemy.orm import Session
 
 from swav_core.distributed import free_port
 from swav_service.db import session_scope
+from swav_service.dispatch import enqueue_job
 from swav_service.job_state import append_event, change_status
 from swav_service.layout import job_run_dir
 from swav_service.models import Job, JobRank, utcnow
 from swav_service.settings import Settings
-from worker.dispatch import enqueue_job
 from worker.launch import NodeLaunch, child_command
 from worker.resources import worker_address
 

@@ -34,11 +34,11 @@ from typing import Any
 from sqlalchemy import func, select, update
 
 from swav_service.db import session_scope
+from swav_service.dispatch import TRAIN_TASK, enqueue_job
 from swav_service.job_state import append_event, change_status
 from swav_service.models import Job, Worker, utcnow
 from swav_service.settings import Settings
-from worker.celery_app import TRAIN_TASK, app
-from worker.dispatch import enqueue_job
+from worker.celery_app import app
 from worker.gang import live_ranks, release_ranks
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,9 @@
-"""What a training worker offers, and the queue a job of each size is sent to.
+"""What a training worker offers: its device, how many ranks one job may run here, the
+address other nodes reach it at, and its measured training speed.
 
 A job asks for `gpus` ranks per node (GPUs, or CPU processes on a worker without one)
-and `nodes` nodes. The broker routes by size: a job of N ranks per node goes to the
-queue `train` (N = 1) or `train.gpusN`, and a training worker that can run R ranks
+and `nodes` nodes. The broker routes by size (swav_service/dispatch.py: a job of N ranks
+per node goes to `train` or `train.gpusN`), and a training worker that can run R ranks
 consumes the queues for 1..R. So a worker is never handed a job it cannot fit, and a job
 waits in its queue until a worker that fits reads it; the database is not asked.
 """
@@ -74,13 +75,3 @@ def detect_resources(settings: Settings) -> WorkerResources:
         return WorkerResources("cuda", gpus, gpus, worker_address(settings))
     cpu_ranks = settings.worker_cpu_ranks or os.cpu_count() or 1
     return WorkerResources("cpu", 0, cpu_ranks, worker_address(settings))
-
-
-def train_queue_for(settings: Settings, gpus: int) -> str:
-    """The queue of jobs with `gpus` ranks per node: `train` for 1, else `train.gpus{N}`."""
-    return settings.train_queue if gpus <= 1 else f"{settings.train_queue}.gpus{gpus}"
-
-
-def train_queues(settings: Settings, ranks: int) -> list[str]:
-    """The queues a worker that can run `ranks` ranks consumes: every size it fits."""
-    return [train_queue_for(settings, n) for n in range(1, max(1, ranks) + 1)]

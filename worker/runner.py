@@ -37,12 +37,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from swav_service.db import session_scope
+from swav_service.dispatch import enqueue_evaluation, enqueue_job
 from swav_service.job_state import append_event, change_status
 from swav_service.layout import dataset_images_dir, job_run_dir, sidecar
 from swav_service.models import Checkpoint, Dataset, Job, new_id, utcnow
 from swav_service.settings import Settings
 from swav_service.storage import ArtifactStore, StorageError, artifact_store
-from worker.dispatch import enqueue_evaluation, enqueue_job
 from worker.launch import NodeLaunch, child_command, die_with_parent
 
 if TYPE_CHECKING:

@@ -24,6 +24,7 @@ from swav_core.data import NoImagesError, SkippedFile, scan_image_folder
 from swav_core.errors import DataError, SwavError
 from swav_core.recipe import DatasetStats
 from swav_service.db import session_scope
+from swav_service.dispatch import EMBED_TASK, EVAL_TASK, INGEST_TASK, TRAIN_TASK
 from swav_service.layout import (
     EMBEDDINGS_FILE,
     INDEX_FILE,
@@ -35,7 +36,7 @@ from swav_service.models import Checkpoint, Dataset, EmbeddingJob, Job, utcnow
 from swav_service.settings import Settings, get_settings
 from swav_service.storage import StorageError, artifact_store
 from worker.archive import ArchiveLimits, ArchiveRefused, extract_archive, shown_name
-from worker.celery_app import EMBED_TASK, EVAL_TASK, INGEST_TASK, TRAIN_TASK, app
+from worker.celery_app import app
 
 log = logging.getLogger(__name__)
 MAX_REPORTED_SKIPS = 1000

@@ -34,9 +34,9 @@ from api.errors import ApiError, not_found
 from api.limits import human_bytes, storage_error, storage_left
 from api.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
 from api.schemas import DatasetPublic, DatasetsPublic
+from swav_service.dispatch import enqueue_ingest
 from swav_service.models import ACTIVE_JOB_STATUSES, Dataset, Job, new_id, utcnow
 from swav_service.settings import Settings
-from worker.dispatch import enqueue_ingest
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

@@ -32,10 +32,10 @@ from api.routes.checkpoints import find_checkpoint, stored_path
 from api.routes.datasets import find_dataset
 from api.routes.jobs import find_job
 from api.schemas import CheckpointPublic, EmbeddingJobCreate, EmbeddingJobPublic
+from swav_service.dispatch import enqueue_embedding, enqueue_evaluation
 from swav_service.layout import EMBEDDINGS_FILE, INDEX_FILE
 from swav_service.models import Checkpoint, Dataset, EmbeddingJob, Job, new_id
 from swav_service.settings import Settings
-from worker.dispatch import enqueue_embedding, enqueue_evaluation
 
 router = APIRouter(tags=["embedding jobs"])
 

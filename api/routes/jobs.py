@@ -40,6 +40,7 @@ from api.schemas import (
 )
 from swav_core.recipe import AUTO
 from swav_service.db import get_sessionmaker
+from swav_service.dispatch import enqueue_job
 from swav_service.job_state import append_event, change_status
 from swav_service.models import (
     JOB_STATUSES,
@@ -51,7 +52,6 @@ from swav_service.models import (
     new_id,
     utcnow,
 )
-from worker.dispatch import enqueue_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
