@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python -m api.demo
 
 lint: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/ruff check swav_core swav_service api worker swav_client migrations tests bench
 	$(BIN)/mypy swav_core swav_service api worker swav_client
 
