@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError
-from api.routes.checkpoints import stored_path
+from api.lookups import stored_path
 from swav_core.errors import CheckpointError
 from swav_service.models import Checkpoint, Job
 from swav_service.settings import Settings

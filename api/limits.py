@@ -18,7 +18,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
-from swav_service.models import ACTIVE_JOB_STATUSES, Checkpoint, Dataset, Job
+from swav_service.models import ACTIVE_JOB_STATUSES, DELETED_DATASET, Checkpoint, Dataset, Job
 from swav_service.settings import Settings
 
 
@@ -66,7 +66,7 @@ def stored_bytes(session: Session, tenant: str) -> int:
     """Dataset archives (not deleted) + checkpoints on disk, in bytes, of the tenant."""
     datasets = session.scalar(
         select(func.coalesce(func.sum(Dataset.archive_bytes), 0)).where(
-            Dataset.tenant == tenant, Dataset.status != "deleted"
+            Dataset.tenant == tenant, Dataset.status != DELETED_DATASET
         )
     )
     checkpoints = session.scalar(

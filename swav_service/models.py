@@ -25,7 +25,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-DATASET_STATUSES = ("validating", "ready", "failed", "deleted")
+# A removed dataset that finished jobs still refer to: its row stays, hidden everywhere.
+DELETED_DATASET = "deleted"
+DATASET_STATUSES = ("validating", "ready", "failed", DELETED_DATASET)
 JOB_STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 TERMINAL_JOB_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE_JOB_STATUSES = frozenset({"queued", "running", "cancelling"})

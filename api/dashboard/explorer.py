@@ -41,8 +41,7 @@ from api.dashboard.index import ExplorerIndex, IndexCache, load_index
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.embedding_service import ALLOWED_FORMATS, Layer, ResolvedModel
 from api.errors import ApiError, not_found
-from api.routes.checkpoints import stored_path
-from api.routes.datasets import find_dataset
+from api.lookups import find_dataset, find_job, stored_path
 from api.routes.embedding_jobs import (
     create_embedding_job,
     pick_checkpoint,
@@ -55,7 +54,6 @@ from api.routes.embeddings import (
     limit_rate,
     read_capped,
 )
-from api.routes.jobs import find_job
 from api.schemas import EmbeddingJobCreate
 from swav_service.db import get_sessionmaker
 from swav_service.layout import EMBEDDINGS_FILE, INDEX_FILE, dataset_images_dir

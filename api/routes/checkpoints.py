@@ -18,16 +18,14 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.errors import ApiError, not_found
+from api.errors import ApiError
+from api.lookups import find_checkpoint, find_job, stored_path
 from api.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
-from api.routes.jobs import find_job
 from api.schemas import CheckpointPublic, CheckpointsPublic
 from swav_core.errors import CheckpointError
-from swav_service.models import Checkpoint, Job
-from swav_service.settings import Settings
+from swav_service.models import Checkpoint
 from swav_service.storage import artifact_store
 
 router = APIRouter(tags=["checkpoints"])
@@ -44,17 +42,6 @@ EXPORT_SUFFIX = {
     DownloadFormat.safetensors: ".model.safetensors",
     DownloadFormat.backbone: ".backbone.safetensors",
 }
-
-
-def find_checkpoint(session: Session, tenant: str, checkpoint_id: str) -> Checkpoint:
-    row = session.scalar(
-        select(Checkpoint)
-        .join(Job, Job.id == Checkpoint.job_id)
-        .where(Checkpoint.id == checkpoint_id, Job.tenant == tenant)
-    )
-    if row is None:
-        raise not_found("checkpoint", "checkpoint_id", checkpoint_id)
-    return row
 
 
 @router.get("/v1/jobs/{job_id}/checkpoints", response_model=CheckpointsPublic)
@@ -92,16 +79,6 @@ def _gone(checkpoint_id: str) -> ApiError:
         "download a newer checkpoint of the job",
         "checkpoint_id",
     )
-
-
-def stored_path(settings: Settings, row: Checkpoint) -> Path | None:
-    """The checkpoint file under the artifacts folder, or None if it is not there. With
-    an S3 store (swav_service/storage.py), a file this machine lacks is fetched from it first."""
-    root = settings.artifacts
-    path = (root / row.path).resolve()
-    if not path.is_relative_to(root) or not artifact_store(settings).fetch(path):
-        return None
-    return path
 
 
 def export_path(checkpoint: Path, fmt: DownloadFormat) -> Path:

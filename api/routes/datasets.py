@@ -30,17 +30,24 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.errors import ApiError, not_found
+from api.errors import ApiError
 from api.limits import human_bytes, storage_error, storage_left
+from api.lookups import find_dataset
 from api.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
 from api.schemas import DatasetPublic, DatasetsPublic
 from swav_service.dispatch import enqueue_ingest
-from swav_service.models import ACTIVE_JOB_STATUSES, Dataset, Job, new_id, utcnow
+from swav_service.models import (
+    ACTIVE_JOB_STATUSES,
+    DELETED_DATASET,
+    Dataset,
+    Job,
+    new_id,
+    utcnow,
+)
 from swav_service.settings import Settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
-DELETED = "deleted"  # a removed dataset that finished jobs still refer to; hidden everywhere
 ARCHIVE_EXTENSIONS = (".tar.gz", ".tgz", ".zip", ".tar")  # longest suffix first
 # Room for the multipart framing around the archive: boundaries, part headers (python-
 # multipart caps each at 4 KiB) and the short `name` field.
@@ -48,17 +55,6 @@ MULTIPART_OVERHEAD = 16 * 1024
 MAX_FIELD_BYTES = 1024
 FORM_FIELDS = ("file", "name")
 FLUSH_BYTES = 1 << 20  # hand the parser 1 MiB at a time, off the event loop
-
-
-def find_dataset(session: Session, tenant: str, dataset_id: str, lock: bool = False) -> Dataset:
-    """The tenant's visible dataset, or ApiError 404 (param dataset_id)."""
-    statement = select(Dataset).where(
-        Dataset.id == dataset_id, Dataset.tenant == tenant, Dataset.status != DELETED
-    )
-    row = session.scalar(statement.with_for_update() if lock else statement)
-    if row is None:
-        raise not_found("dataset", "dataset_id", dataset_id)
-    return row
 
 
 def _too_large(cap: int) -> ApiError:
@@ -377,7 +373,7 @@ def list_datasets(
     cursor: CursorQuery = None,
 ) -> DatasetsPublic:
     """The tenant's datasets, newest first."""
-    statement = select(Dataset).where(Dataset.tenant == tenant, Dataset.status != DELETED)
+    statement = select(Dataset).where(Dataset.tenant == tenant, Dataset.status != DELETED_DATASET)
     rows, next_cursor = paginate(session, statement, Dataset, limit, cursor)
     return DatasetsPublic(data=[DatasetPublic.from_row(r) for r in rows], next_cursor=next_cursor)
 
@@ -422,7 +418,7 @@ def delete_dataset(
     if referenced is None:
         session.delete(row)
     else:
-        row.status = DELETED
+        row.status = DELETED_DATASET
         row.updated_at = utcnow()
     session.commit()
     shutil.rmtree(settings.dataset_dir(dataset_id), ignore_errors=True)

@@ -28,9 +28,13 @@ from sqlalchemy.orm import Session
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, not_found
 from api.limits import storage_left
-from api.routes.checkpoints import find_checkpoint, stored_path
-from api.routes.datasets import find_dataset
-from api.routes.jobs import find_job
+from api.lookups import (
+    find_checkpoint,
+    find_dataset,
+    find_embedding_job,
+    find_job,
+    stored_path,
+)
 from api.schemas import CheckpointPublic, EmbeddingJobCreate, EmbeddingJobPublic
 from swav_service.dispatch import enqueue_embedding, enqueue_evaluation
 from swav_service.layout import EMBEDDINGS_FILE, INDEX_FILE
@@ -91,17 +95,6 @@ def ready_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:
             "dataset_id",
         )
     return dataset
-
-
-def find_embedding_job(session: Session, tenant: str, embedding_job_id: str) -> EmbeddingJob:
-    row = session.scalar(
-        select(EmbeddingJob).where(
-            EmbeddingJob.id == embedding_job_id, EmbeddingJob.tenant == tenant
-        )
-    )
-    if row is None:
-        raise not_found("embedding job", "embedding_job_id", embedding_job_id)
-    return row
 
 
 @router.post(

@@ -24,11 +24,11 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.errors import ApiError, not_found
+from api.errors import ApiError
 from api.limits import check_active_jobs, lock_tenant, storage_left
+from api.lookups import find_dataset, find_job
 from api.pagination import DEFAULT_LIMIT, MAX_LIMIT, CursorQuery, LimitQuery, paginate
 from api.planning import Plan, estimates, plan_job
-from api.routes.datasets import find_dataset
 from api.schemas import (
     CostEstimatePublic,
     EventPublic,
@@ -68,13 +68,6 @@ IdempotencyKey = Annotated[
         description="Retries with the same key and body replay the first answer.",
     ),
 ]
-
-
-def find_job(session: Session, tenant: str, job_id: str) -> Job:
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant))
-    if job is None:
-        raise not_found("job", "job_id", job_id)
-    return job
 
 
 def request_hash(payload: JobCreate) -> str:
