@@ -4,15 +4,19 @@ the workers that would run it, with the estimates that `dry_run` answers.
 `auto` needs the dataset's statistics (recorded at ingestion) and the machine: the live
 training workers that can run the job's ranks report a measured profile in their
 heartbeat (worker/resources.py). The recipe is chosen for the slowest of them, so that a
-budget holds wherever the job lands; with none alive, for `UNKNOWN_MACHINE`, a modest
+budget holds wherever the job lands; with none alive, for `unknown_machine()`, a modest
 CPU, and the reasons say so.
+
+swav_core.costs and swav_core.recipe import torch (FLOPs are counted on its meta device),
+so they are imported when a job is first planned, not when the API is imported.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -20,21 +24,30 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError, validation_error
 from swav_core.config import TrainConfig, preset_names
-from swav_core.costs import Machine, estimate
-from swav_core.recipe import AUTO, DatasetStats, resolve_config
 from swav_service.models import MAX_INTEGER, Dataset, Worker, utcnow
 from swav_service.settings import Settings
 
-# Assumed when no live worker has reported a profile: two CPU cores, fp32, at the pace
-# this project's 2-core CI machine measures in fp32 (bench/quality.py prints it).
-UNKNOWN_MACHINE = Machine(device="cpu", gflops=100.0, precision="fp32", cpu_cores=2,
-                          name="unknown (no live worker reported a profile)")
+if TYPE_CHECKING:
+    from swav_core.costs import Machine
+    from swav_core.recipe import DatasetStats
+
 # A worker counts as live when seen within this many heartbeats.
 LIVE_HEARTBEATS = 3
 
 
+@lru_cache(maxsize=1)
+def unknown_machine() -> Machine:
+    """Assumed when no live worker has reported a profile: two CPU cores, fp32, at the pace
+    this project's 2-core CI machine measures in fp32 (bench/quality.py prints it)."""
+    from swav_core.costs import Machine
+
+    return Machine(device="cpu", gflops=100.0, precision="fp32", cpu_cores=2,
+                   name="unknown (no live worker reported a profile)")
+
+
 @dataclass(frozen=True)
 class Plan:
+    preset: str  # what the job records: the preset asked for, or auto
     config: TrainConfig
     reasons: dict[str, str]
     machines: list[tuple[Machine, int]]  # each kind of live worker that fits, and how many
@@ -44,6 +57,8 @@ class Plan:
 def dataset_stats(dataset: Dataset) -> DatasetStats:
     """The recorded statistics; for a dataset ingested before they were recorded, what the
     row knows (image sizes unknown: taken as 224 px)."""
+    from swav_core.recipe import DatasetStats
+
     if dataset.stats:
         return DatasetStats(**dataset.stats)
     classes = len(dataset.classes) if dataset.classes else None
@@ -53,6 +68,8 @@ def dataset_stats(dataset: Dataset) -> DatasetStats:
 def live_machines(session: Session, settings: Settings, ranks: int) -> list[tuple[Machine, int]]:
     """The distinct machine profiles of live training workers that can run `ranks` ranks
     per node, with how many workers report each, slowest first."""
+    from swav_core.costs import Machine
+
     since = utcnow() - timedelta(seconds=LIVE_HEARTBEATS * settings.worker_heartbeat_s)
     counts: dict[Machine, int] = {}
     for worker in session.scalars(select(Worker).where(Worker.last_seen_at >= since)):
@@ -79,8 +96,10 @@ def plan_job(
     nodes: int,
 ) -> Plan:
     """The job's config and the reasons of auto's choices, or ApiError 422 naming the field."""
+    from swav_core.recipe import AUTO, resolve_config
+
     machines = live_machines(session, settings, gpus)
-    machine = machines[0][0] if machines else UNKNOWN_MACHINE
+    machine = machines[0][0] if machines else unknown_machine()
     stats = dataset_stats(dataset) if preset in (None, AUTO) else None
     try:
         config, reasons = resolve_config(preset, overrides, stats, machine, gpus * nodes)
@@ -100,16 +119,18 @@ def plan_job(
         )
     if stats is not None and not machines:
         reasons["machine"] = (
-            f"no live training worker reported a profile; assumed {UNKNOWN_MACHINE.name}: "
-            f"{UNKNOWN_MACHINE.device}, {UNKNOWN_MACHINE.gflops:g} GFLOP/s"
+            f"no live training worker reported a profile; assumed {machine.name}: "
+            f"{machine.device}, {machine.gflops:g} GFLOP/s"
         )
-    return Plan(config, reasons, machines, stats)
+    return Plan(preset or AUTO, config, reasons, machines, stats)
 
 
 def estimates(plan: Plan, num_images: int, ranks: int) -> list[dict[str, Any]]:
     """Time per epoch, total time and peak memory per rank on each kind of live worker
     that fits (or on the assumed machine when none is live)."""
-    machines = plan.machines or [(UNKNOWN_MACHINE, 0)]
+    from swav_core.costs import estimate
+
+    machines = plan.machines or [(unknown_machine(), 0)]
     out = []
     side = plan.stats.median_short_side if plan.stats else 224
     for machine, workers in machines:

@@ -38,7 +38,6 @@ from api.schemas import (
     JobPublic,
     JobsPublic,
 )
-from swav_core.recipe import AUTO
 from swav_service.db import get_sessionmaker
 from swav_service.dispatch import enqueue_job
 from swav_service.job_state import append_event, change_status
@@ -190,7 +189,7 @@ def create_job(
         tenant=tenant,
         dataset_id=dataset.id,
         name=payload.name,
-        preset=payload.preset or AUTO,
+        preset=plan.preset,
         config=config.model_dump(mode="json"),
         user_metadata=payload.metadata,
         status="queued",
@@ -261,7 +260,7 @@ def plan_only(payload: JobCreate, session: Session, settings: Any, tenant: str) 
     gpus, nodes = payload.resources.gpus, payload.resources.nodes
     plan = plan_job(session, settings, dataset, payload.preset, payload.config, gpus, nodes)
     return JobPlanPublic(
-        preset=payload.preset or AUTO,
+        preset=plan.preset,
         config=plan.config.model_dump(mode="json"),
         reasons=plan.reasons,
         dataset_stats=_stats(plan),

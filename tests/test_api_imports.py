@@ -1,0 +1,23 @@
+"""The API process imports no torch at startup: it validates configs and sends tasks by
+name, and loads torch only when a request needs the engine (an auto plan counts FLOPs,
+an export or an embedding runs the model). import-linter cannot check this (it counts
+imports inside functions too), so a fresh interpreter does."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_importing_the_api_loads_no_torch_and_builds_no_celery_app() -> None:
+    code = (
+        "import sys, api.main, swav_service.dispatch as d; "
+        "print('torch' in sys.modules, d._producer is None)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == ["False", "True"], done.stderr
