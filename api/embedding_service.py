@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from fastapi import Request
 from PIL import Image, ImageOps
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -51,7 +52,7 @@ from api.errors import ApiError
 from api.lookups import stored_path
 from swav_core.errors import CheckpointError
 from swav_service.models import Checkpoint, Job
-from swav_service.settings import Settings
+from swav_service.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     import torch
@@ -623,3 +624,12 @@ class EmbeddingService:
             "cached_bytes": self.cache.nbytes,
             "device": self._device,
         }
+
+
+def get_service(request: Request) -> EmbeddingService:
+    """The API process's embedding service, made on first use and kept on the app."""
+    service: EmbeddingService | None = getattr(request.app.state, "embedding_service", None)
+    if service is None:
+        service = EmbeddingService(get_settings())
+        request.app.state.embedding_service = service
+    return service

@@ -14,9 +14,11 @@ import math
 import threading
 import time
 
+from fastapi import Request
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
+from api.deps import SettingsDep, TenantDep
 from api.errors import ApiError
 from swav_service.models import ACTIVE_JOB_STATUSES, DELETED_DATASET, Checkpoint, Dataset, Job
 from swav_service.settings import Settings
@@ -147,3 +149,21 @@ def rate_limited(settings: Settings, wait_s: float) -> ApiError:
         f"SWAV_TENANT_EMBED_RATE_PER_S); retry after {retry_after} s",
         headers={"Retry-After": str(retry_after)},
     )
+
+
+async def limit_rate(request: Request, settings: SettingsDep, tenant: TenantDep) -> None:
+    """ApiError 429 with Retry-After when the tenant is over its embedding request rate
+    (a route dependency of the embedding and neighbours routes).
+
+    Runs before the body is read, so a refused request costs no parsing or decoding; on
+    the event loop, so the bucket table is made once.
+    """
+    if not settings.tenant_embed_rate_per_s:
+        return
+    limiter: RateLimiter | None = getattr(request.app.state, "embedding_rate_limiter", None)
+    if limiter is None:
+        limiter = RateLimiter(settings.tenant_embed_rate_per_s, settings.tenant_embed_burst)
+        request.app.state.embedding_rate_limiter = limiter
+    wait_s = limiter.acquire(tenant)
+    if wait_s > 0:
+        raise rate_limited(settings, wait_s)

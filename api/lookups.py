@@ -1,9 +1,11 @@
-"""A tenant's rows by id, as every route needs them: the row, or the API's 404.
+"""A tenant's rows by id, as the routes need them: the row, or the API's 4xx.
 
 Each lookup is scoped to the tenant, so another tenant's id reads as missing (404, never
-403: ids are not confirmed to exist). The routes, the embedding service and the
-dashboard's explorer share these, instead of importing them from each other's route
-modules. `stored_path` finds a checkpoint's file, fetched from the S3 store if needed.
+403: ids are not confirmed to exist). `ready_dataset` and `pick_checkpoint` also refuse a
+dataset not ready to use (409) and a checkpoint whose file is gone (410). `stored_path`
+finds a checkpoint's file, fetched from the S3 store if needed. The routes, the embedding
+service and the dashboard's explorer share these instead of importing them from each
+other's route modules.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.errors import not_found
+from api.errors import ApiError, not_found
 from swav_service.models import DELETED_DATASET, Checkpoint, Dataset, EmbeddingJob, Job
 from swav_service.settings import Settings
 from swav_service.storage import artifact_store
@@ -40,6 +42,20 @@ def find_dataset(session: Session, tenant: str, dataset_id: str, lock: bool = Fa
     return row
 
 
+def ready_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:
+    """The tenant's dataset (404) if it is ready to use, else ApiError 409
+    `dataset_not_ready`."""
+    dataset = find_dataset(session, tenant, dataset_id)
+    if dataset.status != "ready":
+        raise ApiError(
+            409,
+            "dataset_not_ready",
+            f"dataset {dataset_id} is {dataset.status}; wait until it is ready",
+            "dataset_id",
+        )
+    return dataset
+
+
 def find_checkpoint(session: Session, tenant: str, checkpoint_id: str) -> Checkpoint:
     """A checkpoint of one of the tenant's jobs, or ApiError 404 (param checkpoint_id)."""
     row = session.scalar(
@@ -50,6 +66,47 @@ def find_checkpoint(session: Session, tenant: str, checkpoint_id: str) -> Checkp
     if row is None:
         raise not_found("checkpoint", "checkpoint_id", checkpoint_id)
     return row
+
+
+def checkpoint_gone(checkpoint_id: str) -> ApiError:
+    """410 `checkpoint_gone`: the checkpoint's row exists but its file left the disk."""
+    return ApiError(
+        410,
+        "checkpoint_gone",
+        f"checkpoint {checkpoint_id} is no longer on disk (pruned or removed); "
+        "use a newer checkpoint of the job, or omit checkpoint_id for its latest one",
+        "checkpoint_id",
+    )
+
+
+def pick_checkpoint(
+    session: Session, settings: Settings, job: Job, checkpoint_id: str | None
+) -> Checkpoint:
+    """The named checkpoint of `job` (404 / 410), or its latest one on disk (409)."""
+    if checkpoint_id is not None:
+        row = session.scalar(
+            select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job.id)
+        )
+        if row is None:
+            raise not_found(f"checkpoint of job {job.id}", "checkpoint_id", checkpoint_id)
+        if not row.available or stored_path(settings, row) is None:
+            raise checkpoint_gone(checkpoint_id)
+        return row
+    rows = session.scalars(
+        select(Checkpoint)
+        .where(Checkpoint.job_id == job.id, Checkpoint.available.is_(True))
+        .order_by(Checkpoint.final.desc(), Checkpoint.step.desc(), Checkpoint.created_at.desc())
+    )
+    for candidate in rows:
+        if stored_path(settings, candidate) is not None:
+            return candidate
+    raise ApiError(
+        409,
+        "model_not_ready",
+        f"job {job.id} ({job.status}) has no checkpoint available yet; retry once it has "
+        "written one (see GET /v1/jobs/{job_id}/checkpoints)",
+        "checkpoint_id",
+    )
 
 
 def find_embedding_job(session: Session, tenant: str, embedding_job_id: str) -> EmbeddingJob:

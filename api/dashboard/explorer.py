@@ -37,23 +37,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from api.batch_embedding import queue_embedding_job
+from api.body_limits import BODY_OVERHEAD, capped_stream, read_capped
 from api.dashboard.index import ExplorerIndex, IndexCache, load_index
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.embedding_service import ALLOWED_FORMATS, Layer, ResolvedModel
+from api.embedding_service import ALLOWED_FORMATS, Layer, ResolvedModel, get_service
 from api.errors import ApiError, not_found
-from api.lookups import find_dataset, find_job, stored_path
-from api.routes.embedding_jobs import (
-    create_embedding_job,
-    pick_checkpoint,
-    ready_dataset,
-)
-from api.routes.embeddings import (
-    BODY_OVERHEAD,
-    capped_stream,
-    get_service,
-    limit_rate,
-    read_capped,
-)
+from api.limits import limit_rate
+from api.lookups import find_dataset, find_job, pick_checkpoint, ready_dataset, stored_path
 from api.schemas import EmbeddingJobCreate
 from swav_service.db import get_sessionmaker
 from swav_service.layout import EMBEDDINGS_FILE, INDEX_FILE, dataset_images_dir
@@ -209,12 +200,12 @@ def locate_index(
             f'with {{"checkpoint_id": "{checkpoint.id}"}} to try again',
             "checkpoint_id",
         )
-    created = create_embedding_job(
-        job.id,
-        EmbeddingJobCreate(checkpoint_id=checkpoint.id, layer=INDEX_LAYER, normalize=True),
+    created = queue_embedding_job(
         session,
         settings,
         tenant,
+        job.id,
+        EmbeddingJobCreate(checkpoint_id=checkpoint.id, layer=INDEX_LAYER, normalize=True),
     )
     return located(created.id, None)
 

@@ -31,7 +31,6 @@ from swav_service.storage import artifact_store
 router = APIRouter(tags=["checkpoints"])
 
 
-
 class DownloadFormat(StrEnum):
     full = "full"
     safetensors = "safetensors"

@@ -22,79 +22,23 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
+from api.batch_embedding import queue_embedding_job
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.errors import ApiError, not_found
-from api.limits import storage_left
+from api.errors import ApiError
 from api.lookups import (
+    checkpoint_gone,
     find_checkpoint,
-    find_dataset,
     find_embedding_job,
-    find_job,
+    ready_dataset,
     stored_path,
 )
 from api.schemas import CheckpointPublic, EmbeddingJobCreate, EmbeddingJobPublic
-from swav_service.dispatch import enqueue_embedding, enqueue_evaluation
+from swav_service.dispatch import enqueue_evaluation
 from swav_service.layout import EMBEDDINGS_FILE, INDEX_FILE
-from swav_service.models import Checkpoint, Dataset, EmbeddingJob, Job, new_id
-from swav_service.settings import Settings
+from swav_service.models import Job
 
 router = APIRouter(tags=["embedding jobs"])
-
-
-
-def _gone(checkpoint_id: str) -> ApiError:
-    return ApiError(
-        410,
-        "checkpoint_gone",
-        f"checkpoint {checkpoint_id} is no longer on disk (pruned or removed); "
-        "use a newer checkpoint of the job, or omit checkpoint_id for its latest one",
-        "checkpoint_id",
-    )
-
-
-def pick_checkpoint(
-    session: Session, settings: Settings, job: Job, checkpoint_id: str | None
-) -> Checkpoint:
-    """The named checkpoint of `job` (404 / 410), or its latest one on disk (409)."""
-    if checkpoint_id is not None:
-        row = session.scalar(
-            select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job.id)
-        )
-        if row is None:
-            raise not_found(f"checkpoint of job {job.id}", "checkpoint_id", checkpoint_id)
-        if not row.available or stored_path(settings, row) is None:
-            raise _gone(checkpoint_id)
-        return row
-    rows = session.scalars(
-        select(Checkpoint)
-        .where(Checkpoint.job_id == job.id, Checkpoint.available.is_(True))
-        .order_by(Checkpoint.final.desc(), Checkpoint.step.desc(), Checkpoint.created_at.desc())
-    )
-    for candidate in rows:
-        if stored_path(settings, candidate) is not None:
-            return candidate
-    raise ApiError(
-        409,
-        "model_not_ready",
-        f"job {job.id} ({job.status}) has no checkpoint available yet; retry once it has "
-        "written one (see GET /v1/jobs/{job_id}/checkpoints)",
-        "checkpoint_id",
-    )
-
-
-def ready_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:
-    dataset = find_dataset(session, tenant, dataset_id)
-    if dataset.status != "ready":
-        raise ApiError(
-            409,
-            "dataset_not_ready",
-            f"dataset {dataset_id} is {dataset.status}; wait until it is ready",
-            "dataset_id",
-        )
-    return dataset
 
 
 @router.post(
@@ -118,33 +62,9 @@ def create_embedding_job(
     tenant: TenantDep,
 ) -> EmbeddingJobPublic:
     """Embed every valid image of a dataset with one of the job's checkpoints (async)."""
-    job = find_job(session, tenant, job_id)
-    checkpoint = pick_checkpoint(session, settings, job, payload.checkpoint_id)
-    dataset = ready_dataset(session, tenant, payload.dataset_id or job.dataset_id)
-    storage_left(session, settings, tenant)
-    row = EmbeddingJob(
-        id=new_id("emb"),
-        tenant=tenant,
-        job_id=job.id,
-        checkpoint_id=checkpoint.id,
-        dataset_id=dataset.id,
-        layer=payload.layer,
-        normalize=payload.normalize,
-        status="queued",
+    return EmbeddingJobPublic.from_row(
+        queue_embedding_job(session, settings, tenant, job_id, payload)
     )
-    session.add(row)
-    session.commit()  # before the task is sent, so the worker finds the row
-    try:
-        enqueue_embedding(row.id)
-    except Exception as exc:
-        row.status = "failed"
-        row.error_code = "broker_unavailable"
-        row.error_message = "the task broker was unreachable; request the embeddings again"
-        session.commit()
-        raise ApiError(
-            503, "broker_unavailable", f"embedding job {row.id} failed: {row.error_message}"
-        ) from exc
-    return EmbeddingJobPublic.from_row(row)
 
 
 @router.get("/v1/embedding-jobs/{embedding_job_id}", response_model=EmbeddingJobPublic)
@@ -212,7 +132,7 @@ def evaluate_checkpoint(
     `quality` appears on the checkpoint once computed."""
     row = find_checkpoint(session, tenant, checkpoint_id)
     if not row.available or stored_path(settings, row) is None:
-        raise _gone(checkpoint_id)
+        raise checkpoint_gone(checkpoint_id)
     job = session.get(Job, row.job_id)
     assert job is not None
     dataset = ready_dataset(session, tenant, job.dataset_id)

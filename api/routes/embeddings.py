@@ -9,7 +9,6 @@ highest step). The answer is `{"object": "list", "model": <checkpoint id>, "dim"
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -17,18 +16,15 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import ClientDisconnect
 
+from api.body_limits import BODY_OVERHEAD, capped_stream, read_capped
 from api.deps import SettingsDep, TenantDep
-from api.embedding_service import EmbeddingService, EncodingFormat, Layer
+from api.embedding_service import EncodingFormat, Layer, get_service
 from api.errors import ApiError, validation_error
-from api.limits import RateLimiter, rate_limited
+from api.limits import limit_rate
 from swav_service.settings import Settings
 
 router = APIRouter(tags=["embeddings"])
-
-# Multipart framing and the small form fields, on top of the images themselves.
-BODY_OVERHEAD = 64 * 1024
 
 
 class EmbeddingRequest(BaseModel):
@@ -119,68 +115,9 @@ EMBEDDINGS_BODY = {
 }
 
 
-def get_service(request: Request) -> EmbeddingService:
-    """The API process's embedding service, made on first use."""
-    service: EmbeddingService | None = getattr(request.app.state, "embedding_service", None)
-    if service is None:
-        from swav_service.settings import get_settings
-
-        service = EmbeddingService(get_settings())
-        request.app.state.embedding_service = service
-    return service
-
-
-async def limit_rate(request: Request, settings: SettingsDep, tenant: TenantDep) -> None:
-    """ApiError 429 with Retry-After when the tenant is over its embedding request rate.
-
-    Runs before the body is read, so a refused request costs no parsing or decoding; on
-    the event loop, so the bucket table is made once.
-    """
-    if not settings.tenant_embed_rate_per_s:
-        return
-    limiter: RateLimiter | None = getattr(request.app.state, "embedding_rate_limiter", None)
-    if limiter is None:
-        limiter = RateLimiter(settings.tenant_embed_rate_per_s, settings.tenant_embed_burst)
-        request.app.state.embedding_rate_limiter = limiter
-    wait_s = limiter.acquire(tenant)
-    if wait_s > 0:
-        raise rate_limited(settings, wait_s)
-
-
-async def read_capped(upload: UploadFile, limit: int, param: str) -> bytes:
-    """An uploaded image part's bytes; ApiError 413 naming `param` when over `limit`."""
-    data = await upload.read(limit + 1)
-    if len(data) > limit:
-        raise ApiError(413, "image_too_large", f"{param}: over the {limit}-byte limit", param)
-    return data
-
-
 def body_cap(settings: Settings, base64: bool) -> int:
     per_image = settings.max_image_bytes * 4 // 3 + 4 if base64 else settings.max_image_bytes
     return settings.max_embedding_items * per_image + BODY_OVERHEAD
-
-
-def _payload_too_large(cap: int) -> ApiError:
-    return ApiError(
-        413,
-        "payload_too_large",
-        f"the request body is over {cap} bytes; send fewer or smaller images",
-    )
-
-
-async def capped_stream(request: Request, cap: int) -> AsyncGenerator[bytes, None]:
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > cap:
-        raise _payload_too_large(cap)
-    received = 0
-    try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > cap:
-                raise _payload_too_large(cap)
-            yield chunk
-    except ClientDisconnect as exc:
-        raise ApiError(400, "client_disconnected", "the request was interrupted") from exc
 
 
 def _too_many(count: int, limit: int, param: str) -> ApiError:

@@ -1,0 +1,53 @@
+"""Image request bodies read under byte caps (413 past them), for `POST /v1/embeddings`
+and the explorer's `POST /v1/jobs/{id}/neighbours`.
+
+The body is refused at its Content-Length when that is over the cap, else counted as it
+streams in, so an oversized body is never held in memory; each uploaded image part is
+read to at most one byte over its own cap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
+
+from api.errors import ApiError
+
+# Multipart framing and the small form fields, on top of the images themselves.
+BODY_OVERHEAD = 64 * 1024
+
+
+def _payload_too_large(cap: int) -> ApiError:
+    return ApiError(
+        413,
+        "payload_too_large",
+        f"the request body is over {cap} bytes; send fewer or smaller images",
+    )
+
+
+async def capped_stream(request: Request, cap: int) -> AsyncGenerator[bytes, None]:
+    """The request body's chunks; ApiError 413 once more than `cap` bytes are announced
+    or received, 400 `client_disconnected` if the client goes away."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > cap:
+        raise _payload_too_large(cap)
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > cap:
+                raise _payload_too_large(cap)
+            yield chunk
+    except ClientDisconnect as exc:
+        raise ApiError(400, "client_disconnected", "the request was interrupted") from exc
+
+
+async def read_capped(upload: UploadFile, limit: int, param: str) -> bytes:
+    """An uploaded image part's bytes; ApiError 413 naming `param` when over `limit`."""
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, "image_too_large", f"{param}: over the {limit}-byte limit", param)
+    return data
