@@ -153,9 +153,9 @@ class Relay:
     so a database outage delays events but loses none. Metric events update the job row
     every time and enter the event log at most every `events_metrics_every_s`.
 
-    With a remote artifact store (swav_service/storage.py), a checkpoint event waits, and the
-    events after it, until its files are uploaded (in a thread, so the lease is renewed
-    meanwhile): a recorded checkpoint can be downloaded from any machine.
+    With a remote artifact store (swav_service/storage.py), a checkpoint event waits, and
+    the events after it, until its files are uploaded (in a thread, so the lease is
+    renewed meanwhile): a recorded checkpoint can be downloaded from any machine.
     """
 
     lease: Lease
@@ -426,7 +426,6 @@ def prepare_run_folder(
     job: Job, control_dir: Path, run_dir: Path, settings: Settings
 ) -> dict[str, Any]:
     """Clear the node's control files; the spec that its job.json gets (worker/train_child)."""
-
     for folder in (control_dir, run_dir):
         folder.mkdir(parents=True, exist_ok=True)
     for name in ("STOP", "outcome.json"):
