@@ -23,8 +23,9 @@ import boto3
 import httpx
 import pytest
 
+from swav_service.layout import sidecar
 from swav_service.settings import Settings
-from swav_service.storage import S3Store, StorageError, artifact_store, sidecar
+from swav_service.storage import S3Store, StorageError, artifact_store
 from tests.conftest import BIN, Service, free_port
 from tests.test_recovery import events_of, job_of, wait_status
 from tests.test_service_e2e import upload_ready_dataset, wait_for
