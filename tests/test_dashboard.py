@@ -4,7 +4,8 @@ PostgreSQL + Redis, a live uvicorn and one Celery worker (train and short queues
 64-image shapes dataset and one cpu-tiny job, shared by the module's tests. The browser
 is Debian's `chromium` driven through Debian's `chromium-driver` (.ci/run installs both;
 nothing is downloaded at test time). Screenshots go to the test's tmp folder and to
-`test-artifacts/` (or $SWAV_TEST_ARTIFACTS); README's docs/job-page.png is one of them.
+`test-artifacts/` (or $SWAV_TEST_ARTIFACTS). README's docs/job-page.png comes from a real
+MNIST run instead (bench/dashboard_picture.py).
 """
 
 from __future__ import annotations
