@@ -122,9 +122,19 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
 
 
+def _is_config_error(error: dict[str, Any]) -> bool:
+    """A bad preset or a bad value of one config field (not a config that is not an object)."""
+    loc = tuple(error.get("loc", ()))
+    return loc[:2] == ("body", "preset") or (loc[:2] == ("body", "config") and len(loc) > 2)
+
+
 async def _request_validation(request: Request, exc: Exception) -> JSONResponse:
+    """422 `invalid_request`; `invalid_config` when the first error is in the job's preset
+    or config fields, the code the resolved config's own checks answer too."""
     assert isinstance(exc, RequestValidationError)
-    error = validation_error(exc.errors())
+    errors = exc.errors()
+    code = "invalid_config" if errors and _is_config_error(errors[0]) else "invalid_request"
+    error = validation_error(errors, code=code)
     return error_response(error.status, error.code, error.message, error.param)
 
 

@@ -7,11 +7,26 @@ not by whatever columns a model happens to have (leases, tenants and paths stay 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from swav_service.models import Checkpoint, Dataset, EmbeddingJob, Job, JobEvent
+from swav_core.config import PresetName, TrainConfigOverrides
+from swav_service.models import (
+    Checkpoint,
+    Dataset,
+    DatasetStatus,
+    EmbeddingJob,
+    EmbeddingJobStatus,
+    Job,
+    JobEvent,
+    JobStatus,
+)
+
+if TYPE_CHECKING:  # built from TrainConfig's fields at import (swav_core/config.py)
+    ConfigOverrides = BaseModel
+else:
+    ConfigOverrides = TrainConfigOverrides
 
 QualityMetric = Literal["knn_top1", "linear_top1"]
 
@@ -61,7 +76,7 @@ class ErrorInfo(BaseModel):
 class DatasetPublic(PublicModel):
     id: str
     name: str
-    status: str = Field(description="validating, ready or failed.")
+    status: DatasetStatus
     archive_bytes: int
     num_images: int | None = None
     num_skipped: int | None = None
@@ -135,18 +150,18 @@ class JobCreate(BaseModel):
 
     dataset_id: str = Field(max_length=40)
     name: str | None = Field(None, max_length=200)
-    preset: str | None = Field(
+    preset: PresetName | None = Field(
         None,
-        max_length=50,
         description="`auto` (the default, also for null): a recipe chosen from the dataset, "
         "the workers and `config.budget_s`, with a reason per choice (see `dry_run`); or a "
         "named preset: imagenet-800ep, imagenet-100ep and small-batch are the paper's "
         "recipes, cpu-tiny a seconds-long demo.",
     )
-    config: dict[str, Any] = Field(
-        default_factory=dict,
-        description="TrainConfig fields that override the preset; `budget_s` (seconds of "
-        "training) replaces `epochs`: the schedule is fitted to end with the budget.",
+    config: ConfigOverrides = Field(
+        default_factory=ConfigOverrides,
+        description="TrainConfig fields that override the preset, each with its bounds; "
+        "`budget_s` (seconds of training) replaces `epochs`: the schedule is fitted to end "
+        "with the budget. The combination is checked when the job's config is resolved.",
     )
     dry_run: bool = Field(
         False,
@@ -167,6 +182,11 @@ class JobCreate(BaseModel):
     )
     resources: JobResources = Field(default_factory=JobResources)
 
+    def overrides(self) -> dict[str, Any]:
+        """The config fields the request set (JSON values), for resolve_config."""
+        fields: dict[str, Any] = self.config.model_dump(mode="json", exclude_unset=True)
+        return fields
+
 
 class CostEstimatePublic(BaseModel):
     device: str
@@ -184,7 +204,7 @@ class JobPlanPublic(BaseModel):
     """What `POST /v1/jobs` with `dry_run` answers: nothing is created or queued."""
 
     dry_run: Literal[True] = True
-    preset: str
+    preset: PresetName
     config: dict[str, Any] = Field(description="The resolved, complete TrainConfig.")
     reasons: dict[str, str] = Field(description="Why auto chose each field it set.")
     dataset_stats: dict[str, Any] | None
@@ -202,8 +222,8 @@ class JobPublic(PublicModel):
     id: str
     name: str | None
     dataset_id: str
-    preset: str | None
-    status: str = Field(description="queued, running, cancelling, succeeded, failed, cancelled.")
+    preset: PresetName | None
+    status: JobStatus
     progress: Progress
     metrics: dict[str, Any] | None
     eta_s: float | None
@@ -348,7 +368,7 @@ class EmbeddingJobPublic(PublicModel):
     dataset_id: str
     layer: str
     normalize: bool
-    status: str = Field(description="queued, running, succeeded or failed.")
+    status: EmbeddingJobStatus
     num_rows: int | None = Field(None, description="Rows of the matrix once succeeded.")
     error: ErrorInfo | None
     created_at: datetime

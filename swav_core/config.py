@@ -10,9 +10,10 @@ it comes from. `batch_size` is the GLOBAL batch (all ranks together); each rank 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
+from pydantic.fields import FieldInfo
 
 Optimizer = Literal["lars", "sgd", "adamw"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -299,6 +300,32 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def preset_names() -> list[str]:
     return sorted(PRESETS)
+
+
+# What a job request may name as its preset: `auto` (swav_core.recipe, the default) or a
+# key of PRESETS; tests/test_config.py keeps the two in step.
+PresetName = Literal["auto", "cpu-tiny", "imagenet-100ep", "imagenet-800ep", "small-batch"]
+
+
+def _all_optional(model: type[BaseModel], name: str) -> type[BaseModel]:
+    """`model` with every field optional (default None), keeping its type, bounds and
+    description, so that a schema of overrides documents what the full model checks."""
+    fields: dict[str, Any] = {
+        field: (Optional[info.annotation], FieldInfo.merge_field_infos(info, default=None))  # noqa: UP045
+        for field, info in model.model_fields.items()
+    }
+    return create_model(
+        name,
+        __config__=ConfigDict(extra="forbid"),
+        __doc__=f"Any subset of {model.__name__}'s fields; each overrides the preset's value.",
+        **fields,
+    )
+
+
+# The `config` of a job request: TrainConfig fields that override the preset. Each field
+# is checked on its own here; the combination is checked as a TrainConfig when the job's
+# config is resolved (swav_core.recipe.resolve_config).
+TrainConfigOverrides = _all_optional(TrainConfig, "TrainConfigOverrides")
 
 
 def config_from(preset: str | None = None, **overrides: Any) -> TrainConfig:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import (
     JSON,
@@ -27,8 +27,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # A removed dataset that finished jobs still refer to: its row stays, hidden everywhere.
 DELETED_DATASET = "deleted"
-DATASET_STATUSES = ("validating", "ready", "failed", DELETED_DATASET)
-JOB_STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+DatasetStatus = Literal["validating", "ready", "failed", "deleted"]
+JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+EmbeddingJobStatus = Literal["queued", "running", "succeeded", "failed"]
+DATASET_STATUSES: tuple[str, ...] = get_args(DatasetStatus)
+JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
 TERMINAL_JOB_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE_JOB_STATUSES = frozenset({"queued", "running", "cancelling"})
 MAX_INTEGER = 2**31 - 1  # the largest value an Integer column holds on PostgreSQL
@@ -184,7 +187,7 @@ class JobRank(Base):
     claimed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-EMBEDDING_JOB_STATUSES = ("queued", "running", "succeeded", "failed")
+EMBEDDING_JOB_STATUSES: tuple[str, ...] = get_args(EmbeddingJobStatus)
 
 
 class EmbeddingJob(Base):

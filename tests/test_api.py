@@ -186,6 +186,55 @@ def test_health_readiness_and_unknown_routes(client: httpx.Client) -> None:
     assert "/v1/jobs/{job_id}/events" in client.get("/openapi.json").json()["paths"]
 
 
+def _resolved(spec: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """A schema with its $ref (directly or as the one allOf entry) followed."""
+    ref = schema.get("$ref") or next((s["$ref"] for s in schema.get("allOf", [])), None)
+    if ref is None:
+        return schema
+    name = ref.rsplit("/", 1)[-1]
+    resolved: dict[str, Any] = spec["components"]["schemas"][name]
+    return resolved
+
+
+def _non_null(schema: dict[str, Any]) -> dict[str, Any]:
+    options = [s for s in schema.get("anyOf", [schema]) if s.get("type") != "null"]
+    assert len(options) == 1, schema
+    return options[0]
+
+
+BOUND_KEYS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+
+
+def test_openapi_documents_every_config_field_bound_preset_and_status(
+    client: httpx.Client,
+) -> None:
+    """Generated clients see the whole contract: every TrainConfig field with its
+    description and bounds, the presets and the statuses, read from /openapi.json."""
+    from swav_core.config import PRESETS, TrainConfig
+    from swav_service.models import DATASET_STATUSES, JOB_STATUSES
+
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    job_create = schemas["JobCreate"]["properties"]
+    config = _resolved(spec, job_create["config"])
+    assert config.get("additionalProperties") is False
+    assert set(config["properties"]) == set(TrainConfig.model_fields)
+    bounds_seen = 0
+    for name, info in TrainConfig.model_fields.items():
+        documented = config["properties"][name]
+        assert documented.get("description") == info.description, name
+        value_schema = _non_null(documented)
+        for constraint in info.metadata:
+            for attr, key in BOUND_KEYS.items():
+                if getattr(constraint, attr, None) is not None:
+                    assert value_schema[key] == getattr(constraint, attr), (name, key)
+                    bounds_seen += 1
+    assert bounds_seen >= 10  # the config has bounds, and they are all documented
+    assert set(_non_null(job_create["preset"])["enum"]) == {"auto", *PRESETS}
+    assert set(schemas["JobPublic"]["properties"]["status"]["enum"]) == set(JOB_STATUSES)
+    assert set(schemas["DatasetPublic"]["properties"]["status"]["enum"]) == set(DATASET_STATUSES)
+
+
 def test_unexpected_and_engine_errors_use_the_envelope() -> None:
     """In process: routes that raise are answered with the envelope and no stack trace."""
     from api.main import create_app

@@ -141,7 +141,7 @@ def create_job(
             return _replay(record, digest)
 
     dataset = find_dataset(session, tenant, payload.dataset_id)
-    plan = plan_job(session, settings, dataset, payload.preset, payload.config,
+    plan = plan_job(session, settings, dataset, payload.preset, payload.overrides(),
                     payload.resources.gpus, payload.resources.nodes)
     config = plan.config
     world_size = payload.resources.gpus * payload.resources.nodes
@@ -258,7 +258,7 @@ def plan_only(payload: JobCreate, session: Session, settings: Any, tenant: str) 
         raise ApiError(409, "dataset_not_ready", f"dataset {dataset.id} is {dataset.status}",
                        "dataset_id")
     gpus, nodes = payload.resources.gpus, payload.resources.nodes
-    plan = plan_job(session, settings, dataset, payload.preset, payload.config, gpus, nodes)
+    plan = plan_job(session, settings, dataset, payload.preset, payload.overrides(), gpus, nodes)
     return JobPlanPublic(
         preset=plan.preset,
         config=plan.config.model_dump(mode="json"),
