@@ -235,21 +235,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lars_exclude_bias_bn": False,
         "precision": "bf16",
     },
-    # scripts/swav_100ep_pretrain.sh: the same recipe for 100 epochs.
-    "imagenet-100ep": {
-        "backbone": "resnet50",
-        "epochs": 100,
-        "batch_size": 4096,
-        "base_lr": 4.8,
-        "final_lr": 0.0048,
-        "start_warmup_lr": 0.3,
-        "warmup_epochs": 10,
-        "freeze_prototypes": 313,
-        "queue_length": 0,
-        "optimizer": "lars",
-        "lars_exclude_bias_bn": False,
-        "precision": "bf16",
-    },
     # scripts/swav_200ep_bs256_pretrain.sh: batch 256, a 3840-feature queue from epoch 15,
     # prototypes frozen for the first 5005 iterations, no warm-up.
     "small-batch": {
@@ -296,6 +281,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "log_every_steps": 1,
     },
 }
+
+
+# scripts/swav_100ep_pretrain.sh: the 800-epoch recipe for 100 epochs.
+PRESETS["imagenet-100ep"] = {**PRESETS["imagenet-800ep"], "epochs": 100}
 
 
 def preset_names() -> list[str]:

@@ -239,3 +239,25 @@ def test_defaults_are_the_papers() -> None:
     assert config.crops_for_assign == (0, 1)
     assert config.epoch_queue_starts == 15
     assert config_from() == config
+
+
+def test_preset_names_of_the_contract_are_the_presets_and_auto() -> None:
+    from typing import get_args
+
+    from swav_core.config import PRESETS, PresetName
+
+    assert set(get_args(PresetName)) == {"auto", *PRESETS}
+
+
+def test_overrides_take_any_subset_and_check_each_field_as_train_config_does() -> None:
+    from swav_core.config import TrainConfigOverrides
+
+    given = TrainConfigOverrides.model_validate({"size_crops": [32, 24], "epochs": 3})
+    assert given.model_dump(mode="json", exclude_unset=True) == {"size_crops": [32, 24],
+                                                                 "epochs": 3}
+    for bad in ({"epochs": 0}, {"epsilon": 0}, {"learning_rate": 0.1}):
+        with pytest.raises(ValidationError) as overrides_error:
+            TrainConfigOverrides.model_validate(bad)
+        with pytest.raises(ValidationError) as full_error:
+            TrainConfig.model_validate(bad)
+        assert overrides_error.value.errors()[0]["type"] == full_error.value.errors()[0]["type"]
