@@ -41,9 +41,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 from fastapi import Request
-from PIL import Image, ImageOps
+from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -51,6 +50,7 @@ from starlette.concurrency import run_in_threadpool
 from api.errors import ApiError
 from api.lookups import stored_path
 from swav_core.errors import CheckpointError
+from swav_core.images import ALLOWED_FORMATS, rgb_frame
 from swav_service.models import Checkpoint, Job
 from swav_service.settings import Settings, get_settings
 
@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 Layer = Literal["backbone", "projection"]
 
 # What Pillow reports for the allowed formats (MPO: the multi-picture JPEGs cameras write).
-ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF"})
 RETRY_AFTER_S = 1
 INLINE_RENDER_VALUES = 4096  # smaller answers are rendered on the event loop
 
@@ -164,15 +163,8 @@ def decode_base64(text: str, param: str, max_bytes: int) -> bytes:
     return data
 
 
-def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
-    """As `swav_core.data`: 16-bit grayscale scaled to 8 bits (Pillow's convert would clip)."""
-    pixels = np.asarray(image, dtype=np.float64)
-    scale = 257.0 if image.mode != "I" or pixels.max(initial=0) > 255 else 1.0
-    return Image.fromarray(np.clip(np.rint(pixels / scale), 0, 255).astype(np.uint8))
-
-
 def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
-    """`data` as 8-bit RGB exactly as `swav_core.data.load_rgb` reads a file.
+    """`data` as 8-bit RGB exactly as `swav_core.images.load_rgb` reads a file.
 
     Only JPEG/PNG/WEBP/BMP/GIF (by content, not name); the first frame; EXIF orientation
     applied. Raises ApiError 400 `invalid_image` or 413 `image_too_large` (over
@@ -189,11 +181,7 @@ def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
                 raise _too_large(
                     param, f"{width}x{height} is over the {max_pixels}-pixel limit"
                 )
-            image.seek(0)
-            frame = ImageOps.exif_transpose(image)
-            if frame.mode.startswith("I"):
-                frame = _sixteen_bit_to_l(frame)
-            return frame.convert("RGB")
+            return rgb_frame(image)
     except ApiError:
         raise
     except Image.DecompressionBombError:

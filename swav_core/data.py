@@ -26,13 +26,11 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from swav_core.errors import DataError
-
-# MPO is how Pillow reports the multi-picture JPEGs that many cameras and phones write.
-ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF"})
+from swav_core.images import ALLOWED_FORMATS, load_rgb
 
 SampleKey = tuple[int, int]
 Sample = tuple[list[torch.Tensor], int]
@@ -301,29 +299,6 @@ def _no_images_message(skipped: list[SkippedFile]) -> str:
         f"no readable image: {len(skipped)} files skipped, top reasons: {reasons}; "
         "accepted formats are JPEG, PNG, WEBP, BMP and GIF"
     )
-
-
-def load_rgb(path: Path | str) -> Image.Image:
-    """The first frame of the image at `path` as 8-bit RGB, EXIF orientation applied.
-
-    Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images all become RGB.
-    """
-    with Image.open(path) as image:
-        image.seek(0)
-        frame = ImageOps.exif_transpose(image)
-        if frame.mode.startswith("I"):
-            frame = _sixteen_bit_to_l(frame)
-        return frame.convert("RGB")
-
-
-def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
-    """16-bit grayscale (as in 16-bit PNGs) scaled to 8 bits; Pillow's convert would clip.
-
-    Mode "I" holding only 0..255 (an 8-bit image widened) is kept as it is.
-    """
-    pixels = np.asarray(image, dtype=np.float64)
-    scale = 257.0 if image.mode != "I" or pixels.max(initial=0) > 255 else 1.0
-    return Image.fromarray(np.clip(np.rint(pixels / scale), 0, 255).astype(np.uint8))
 
 
 def _mix_seed(*values: int) -> int:

@@ -13,11 +13,11 @@ from PIL import Image
 from swav_core.data import (
     MultiCropDataset,
     ShardedEpochSampler,
-    load_rgb,
     make_loader,
     scan_image_folder,
 )
 from swav_core.errors import DataError
+from swav_core.images import load_rgb
 from swav_core.multicrop import MultiCropTransform
 
 

@@ -3,7 +3,7 @@ database, with real cpu-tiny checkpoints saved by `save_checkpoint` and their ro
 straight into the database (no worker runs).
 
 Every embedding is checked against `swav_core.embed.embed` on the same checkpoint, with
-the images read by `swav_core.data.load_rgb`.
+the images read by `swav_core.images.load_rgb`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from sqlalchemy.orm import Session
 
 from swav_core.checkpoint import load_model, save_checkpoint
 from swav_core.config import config_from
-from swav_core.data import load_rgb
 from swav_core.embed import embed
+from swav_core.images import load_rgb
 from swav_core.model import SwAVModel
 from swav_service.db import make_engine
 from swav_service.models import Checkpoint, Dataset, Job, new_id

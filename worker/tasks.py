@@ -216,8 +216,8 @@ def compute_embeddings(
     import torch
 
     from swav_core.checkpoint import load_model
-    from swav_core.data import load_rgb
     from swav_core.embed import embed
+    from swav_core.images import load_rgb
 
     model, config = load_model(checkpoint)
     scan = scan_image_folder(images_dir)

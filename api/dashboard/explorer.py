@@ -41,11 +41,12 @@ from api.batch_embedding import queue_embedding_job
 from api.body_limits import BODY_OVERHEAD, capped_stream, read_capped
 from api.dashboard.index import ExplorerIndex, IndexCache, load_index
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.embedding_service import ALLOWED_FORMATS, Layer, ResolvedModel, get_service
+from api.embedding_service import Layer, ResolvedModel, get_service
 from api.errors import ApiError, not_found
 from api.limits import limit_rate
 from api.lookups import find_dataset, find_job, pick_checkpoint, ready_dataset, stored_path
 from api.schemas import EmbeddingJobCreate
+from swav_core.images import ALLOWED_FORMATS
 from swav_service.db import get_sessionmaker
 from swav_service.layout import EMBEDDINGS_FILE, INDEX_FILE, dataset_images_dir
 from swav_service.models import EmbeddingJob
