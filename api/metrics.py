@@ -21,7 +21,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, timedelta
+from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -52,6 +52,7 @@ from swav_service.models import (
     EmbeddingJob,
     Job,
     Worker,
+    as_utc,
     utcnow,
 )
 from swav_service.settings import Settings, get_settings
@@ -265,10 +266,7 @@ class ServiceCollector(Collector):
         )
         since = utcnow() - WORKER_WINDOW
         for worker in session.scalars(select(Worker).where(Worker.last_seen_at >= since)):
-            last_seen = worker.last_seen_at
-            if last_seen.tzinfo is None:  # SQLite returns naive datetimes; all are UTC
-                last_seen = last_seen.replace(tzinfo=UTC)
-            seen.add_metric([worker.name, worker.queues], last_seen.timestamp())
+            seen.add_metric([worker.name, worker.queues], as_utc(worker.last_seen_at).timestamp())
             busy.add_metric([worker.name], 1 if worker.job_id else 0)
         yield seen
         yield busy

@@ -6,7 +6,7 @@ not by whatever columns a model happens to have (leases, tenants and paths stay 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -21,6 +21,7 @@ from swav_service.models import (
     Job,
     JobEvent,
     JobStatus,
+    as_utc,
 )
 
 if TYPE_CHECKING:  # built from TrainConfig's fields at import (swav_core/config.py)
@@ -31,18 +32,11 @@ else:
 QualityMetric = Literal["knn_top1", "linear_top1"]
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    """SQLite returns naive datetimes; every stored time is UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
 class PublicModel(BaseModel):
     @field_validator("*", mode="after")
     @classmethod
     def _utc_times(cls, value: Any) -> Any:
-        return _aware(value) if isinstance(value, datetime) else value
+        return as_utc(value) if isinstance(value, datetime) else value
 
 
 class ErrorDetail(BaseModel):

@@ -41,6 +41,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(value: datetime) -> datetime:
+    """A stored time, timezone-aware: SQLite returns naive datetimes, and every stored
+    time is UTC (PostgreSQL's come back aware already)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
 

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,7 +45,7 @@ from swav_service.db import session_scope
 from swav_service.dispatch import enqueue_job
 from swav_service.job_state import append_event, change_status
 from swav_service.layout import job_run_dir
-from swav_service.models import Job, JobRank, utcnow
+from swav_service.models import Job, JobRank, as_utc, utcnow
 from swav_service.settings import Settings
 from worker.launch import NodeLaunch, child_command
 from worker.resources import worker_address
@@ -302,7 +302,7 @@ class GangMonitor:
             ).all()
         now = utcnow()
         alive = {
-            r for r, expires, code in rows if code is not None or _aware(expires) >= now
+            r for r, expires, code in rows if code is not None or as_utc(expires) >= now
         }
         return [r for r in range(1, self.nodes) if r not in alive]
 
@@ -318,11 +318,6 @@ class GangMonitor:
         if lost:
             log.warning("job %s: node ranks %s lost; stopping", self.rank.job_id, lost)
             stop.request("rank_lost", run_dir)
-
-
-def _aware(value: datetime) -> datetime:
-    """SQLite returns naive datetimes; every stored time is UTC."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def _job_running_at(job_id: str, token: int) -> bool:
