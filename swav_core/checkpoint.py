@@ -22,15 +22,12 @@ tampered file cannot run code. `capture_rng_state` therefore stores numpy's stat
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import random
 import re
-import secrets
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -41,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_dumps
 from torch import nn
 
+from swav_core.atomic import atomic_write_bytes, atomic_writer
 from swav_core.config import TrainConfig
 from swav_core.errors import CheckpointError
 from swav_core.model import SwAVModel
@@ -83,48 +81,6 @@ def sidecar_path(path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- atomic files
-
-
-def fsync_dir(folder: Path) -> None:
-    """Persist the entries of `folder` (a rename is durable only once its folder is synced)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-@contextlib.contextmanager
-def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
-    """A binary file that replaces `path` atomically and durably when the block exits cleanly.
-
-    Writes go to a temporary file in the same folder; on success it is flushed, fsynced,
-    renamed onto `path`, and the folder is fsynced. On any exception the temporary file is
-    removed, `path` is left as it was, and the exception propagates (OSError as is).
-    """
-    path = Path(path)
-    temp = _temp_path(path)
-    try:
-        with open(temp, "xb") as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically and durably (see `atomic_writer`)."""
-    with atomic_writer(path) as file:
-        file.write(data)
 
 
 class _HashingWriter:
@@ -183,23 +139,14 @@ def save_checkpoint(
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     folder = checkpoint_dir(run_dir)
     path = folder / (FINAL_NAME if final else f"step-{step:09d}.pt")
-    temp = _temp_path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(temp, "xb") as file:
-                writer = _HashingWriter(file)
-                torch.save(state, writer)  # type: ignore[arg-type]
-                file.flush()
-                os.fsync(file.fileno())
+        with atomic_writer(path) as file:
+            writer = _HashingWriter(file)
+            torch.save(state, writer)  # type: ignore[arg-type]
             digest, size = writer.sha256.hexdigest(), writer.size
+            # the sidecar lands first: a checkpoint is never visible without its digest
             atomic_write_bytes(sidecar_path(path), _sidecar_bytes(path.name, digest, size, step))
-            os.replace(temp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                temp.unlink()
-            raise
-        fsync_dir(folder)
     except OSError as exc:
         raise CheckpointError(
             f"cannot write checkpoint {path.name}: {exc.strerror or exc}; the previous "

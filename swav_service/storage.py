@@ -18,13 +18,13 @@ the store mirrors the folder's layout.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from swav_core.atomic import atomic_writer
 from swav_service.layout import SIDECAR_SUFFIX
 from swav_service.settings import Settings
 
@@ -109,14 +109,10 @@ class S3Store(ArtifactStore):
             raise StorageError(f"cannot delete {path.name}: {error}") from error
 
     def _download(self, key: str, path: Path) -> None:
-        """To a temporary name in the same folder, then renamed: never a torn file."""
+        """Through swav_core.atomic: never a torn file, durable once here."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.{os.getpid()}.download")
-        try:
-            self.client.download_file(self.bucket, key, str(temp))
-            os.replace(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
+        with atomic_writer(path) as file:
+            self.client.download_fileobj(self.bucket, key, file)
 
     def _read(self, key: str) -> bytes:
         return bytes(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())

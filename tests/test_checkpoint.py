@@ -21,9 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from swav_core.atomic import atomic_write_bytes
 from swav_core.checkpoint import (
     CheckpointInfo,
-    atomic_write_bytes,
     capture_rng_state,
     checkpoint_dir,
     export_backbone_safetensors,

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
 
+from swav_core.atomic import atomic_write_bytes, atomic_writer
 from swav_core.data import NoImagesError, SkippedFile, scan_image_folder
 from swav_core.errors import DataError, SwavError
 from swav_core.recipe import DatasetStats
@@ -195,18 +195,6 @@ def _finish_embedding(embedding_job_id: str, status: str, **values: Any) -> None
         )
 
 
-def _write_atomically(path: Path, write: Any) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with temp.open("wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
 def compute_embeddings(
     checkpoint: Path, images_dir: Path, layer: Any, normalize: bool
 ) -> tuple[Any, list[str]]:
@@ -266,8 +254,9 @@ def embed_dataset(embedding_job_id: str) -> None:
         matrix, files = compute_embeddings(checkpoint_path, images, layer, normalize)
         folder = embeddings_dir(settings, embedding_job_id)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(folder / INDEX_FILE, lambda f: f.write(json.dumps(files).encode()))
-        _write_atomically(folder / EMBEDDINGS_FILE, lambda f: np.save(f, matrix))
+        atomic_write_bytes(folder / INDEX_FILE, json.dumps(files).encode())
+        with atomic_writer(folder / EMBEDDINGS_FILE) as file:
+            np.save(file, matrix)
     except SwavError as error:
         _finish_embedding(
             embedding_job_id, "failed", error_code=error.code, error_message=str(error)

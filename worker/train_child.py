@@ -26,7 +26,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from swav_core.checkpoint import atomic_write_bytes
+from swav_core.atomic import atomic_write_bytes
 from swav_core.config import TrainConfig
 from swav_core.errors import SwavError
 from swav_core.spawn import StopFile
