@@ -89,17 +89,22 @@ def set_spawn_env(rank: int, world_size: int, port: int) -> None:
     )
 
 
+def world_size() -> int:
+    """Ranks of the initialised process group; 1 when this process runs alone."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         value = value.clone()
         dist.all_reduce(value)
-        value /= dist.get_world_size()
+        value /= world_size()
     return value
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is True on at least one."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if world_size() == 1:
         return flag
     tensor = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
@@ -108,7 +113,7 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 def gather_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's `tensor` (same shape on all), in rank order; [tensor] when alone."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if world_size() == 1:
         return [tensor]
     out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(out, tensor.contiguous())

@@ -15,13 +15,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+from swav_core.distributed import world_size
 
 
 def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
-    if _world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(tensor, op=op)
     return tensor
 

@@ -13,13 +13,10 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+from swav_core.distributed import world_size
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -30,7 +27,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2-d input, got {input.dim()}-d")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not (self.training and _distributed()):
+        if not (self.training and world_size() > 1):
             return super().forward(input)
         dims = [0, *range(2, input.dim())]
         x = input.float()
