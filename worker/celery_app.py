@@ -73,7 +73,7 @@ def _add_machine_profile(supervisor: Any) -> None:
 @signals.worker_shutting_down.connect
 def _hand_back_on_shutdown(**_: Any) -> None:
     """SIGTERM: the running job checkpoints and goes back to the queue (worker/runner.py)."""
-    from worker.runner import SHUTDOWN
+    from worker.child import SHUTDOWN
 
     SHUTDOWN.set()
 

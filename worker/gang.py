@@ -34,7 +34,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sqlalchemy import ColumnElement, and_, delete, func, select, update
 from sqlalchemy.exc import DBAPIError
@@ -47,11 +46,10 @@ from swav_service.job_state import append_event, change_status
 from swav_service.layout import job_run_dir
 from swav_service.models import Job, JobRank, as_utc, utcnow
 from swav_service.settings import Settings
+from worker.child import SHUTDOWN, Supervision, kill_group, start_child
 from worker.launch import NodeLaunch, child_command
+from worker.lease import Lease, LeaseLost, runner_name
 from worker.resources import worker_address
-
-if TYPE_CHECKING:
-    from worker.runner import Lease, Supervision
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +101,6 @@ class RankLease:
 
     def renew(self) -> None:
         """Extend the rank's lease; raises LeaseLost if the row is no longer this one's."""
-        from worker.runner import LeaseLost
 
         started = time.monotonic()
         with session_scope() as session:
@@ -135,7 +132,6 @@ class RankLease:
 def claim_rank(job_id: str, settings: Settings) -> RankLease | None:
     """Claim the lowest free node rank of a queued multi-node job; None if there is none
     (the job is not queued, or every rank is claimed: a duplicate message)."""
-    from worker.runner import runner_name
 
     owner = runner_name()
     with session_scope() as session:
@@ -191,7 +187,6 @@ def _start_gang(rank: RankLease, settings: Settings) -> tuple[bool, GangStart | 
 
     (True, None) while waiting; (False, None) once the round is gone; else the start.
     """
-    from worker.runner import Lease
 
     with session_scope() as session:
         job = session.execute(
@@ -255,7 +250,6 @@ def _give_back(rank: RankLease, why: str) -> None:
 def wait_for_gang(rank: RankLease, settings: Settings) -> GangStart | None:
     """Renew the rank until the gang starts; None when the round is gone (the job was
     cancelled, or started without this worker) or this worker gave its rank back."""
-    from worker.runner import SHUTDOWN, LeaseLost
 
     deadline = time.monotonic() + settings.gang_wait_s
     while True:
@@ -334,7 +328,7 @@ def run_follower(rank: RankLease, job: Job, endpoint: str, settings: Settings) -
     Its control files (job.json, STOP, outcome.json, train.log) are in the job's
     `nodes/R` folder; the training folder is the job's run folder, as on node 0.
     """
-    from worker.runner import SHUTDOWN, LeaseLost, kill_group, prepare_run_folder, start_child
+    from worker.runner import prepare_run_folder
 
     control = settings.job_dir(job.id) / "nodes" / str(rank.node_rank)
     run_dir = job_run_dir(settings, job.id)

@@ -1,5 +1,8 @@
 """Running one training job under a lease: claim, heartbeat, relay, hand back or finish.
 
+The parts live beside this module: the claim and the lease in worker/lease.py, the event
+relay in worker/relay.py, the training child process in worker/child.py.
+
 A runner claims a queued job with a compare-and-set that bumps the job's fencing token
 and sets a lease (owner, expiry). It then starts the training child process and, while
 the child runs, renews the lease and relays the child's events into the database. Every
@@ -18,40 +21,30 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
-from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from swav_service.db import session_scope
-from swav_service.dispatch import enqueue_evaluation, enqueue_job
+from swav_service.dispatch import enqueue_job
 from swav_service.job_state import append_event, change_status
-from swav_service.layout import dataset_images_dir, job_run_dir, sidecar
-from swav_service.models import Checkpoint, Dataset, Job, new_id, utcnow
+from swav_service.layout import dataset_images_dir, job_run_dir
+from swav_service.models import Job, utcnow
 from swav_service.settings import Settings
-from swav_service.storage import ArtifactStore, StorageError, artifact_store
-from worker.launch import NodeLaunch, child_command, die_with_parent
+from swav_service.storage import artifact_store
+from worker.child import SHUTDOWN, Supervision, kill_group, start_child
+from worker.launch import NodeLaunch, child_command
+from worker.lease import Lease, LeaseLost, claim
+from worker.relay import Relay
 
 if TYPE_CHECKING:
     from worker.gang import GangMonitor
 
 log = logging.getLogger(__name__)
-
-SHUTDOWN = threading.Event()
-"""Set when the worker is asked to stop (SIGTERM): the running job goes back to the queue."""
 
 NOT_RETRIED = frozenset(
     {
@@ -64,344 +57,6 @@ NOT_RETRIED = frozenset(
     }
 )
 
-
-class LeaseLost(Exception):
-    """The job's fencing token is no longer this runner's: another runner owns it."""
-
-
-def runner_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
-
-
-@dataclass
-class Lease:
-    """This runner's claim on a job: every write goes through `guard`."""
-
-    job_id: str
-    owner: str
-    token: int
-    ttl_s: float
-    renewed_at: float = field(default_factory=time.monotonic)
-
-    def guard(self, session: Session) -> Job:
-        """Lock the job row if the token is still ours (raise LeaseLost otherwise)."""
-        job = session.execute(
-            select(Job)
-            .where(Job.id == self.job_id, Job.fencing_token == self.token)
-            .with_for_update()
-        ).scalar_one_or_none()
-        if job is None:
-            raise LeaseLost(self.job_id)
-        return job
-
-    def renew(self) -> str:
-        """Extend the lease; the job's status (e.g. "cancelling"). Raises LeaseLost, or a
-        database error when the database is unreachable (the lease is then not renewed)."""
-        started = time.monotonic()
-        with session_scope() as session:
-            status = session.execute(
-                update(Job)
-                .where(
-                    Job.id == self.job_id,
-                    Job.fencing_token == self.token,
-                    Job.status.in_(("running", "cancelling")),
-                )
-                .values(lease_expires_at=utcnow() + timedelta(seconds=self.ttl_s))
-                .returning(Job.status)
-            ).scalar_one_or_none()
-        if status is None:
-            raise LeaseLost(self.job_id)
-        self.renewed_at = started
-        return status
-
-    def remaining_s(self) -> float:
-        """Seconds until the lease expires as far as this runner knows (it may be less)."""
-        return self.ttl_s - (time.monotonic() - self.renewed_at)
-
-
-def claim(job_id: str, settings: Settings) -> tuple[Lease, Job] | None:
-    """Take a queued job (compare-and-set on its status); None if it is not queued."""
-    owner = runner_name()
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.status != "queued":
-            return None
-        token = job.fencing_token + 1
-        claimed = change_status(
-            session,
-            job_id,
-            "running",
-            expected=("queued",),
-            attempt=job.attempt + 1,
-            started_at=job.started_at or utcnow(),
-            lease_owner=owner,
-            lease_expires_at=utcnow() + timedelta(seconds=settings.lease_ttl_s),
-            fencing_token=token,
-        )
-        if not claimed:
-            return None
-        session.refresh(job)
-        session.expunge(job)
-    return Lease(job_id, owner, token, settings.lease_ttl_s), job
-
-
-@dataclass
-class Relay:
-    """Moves the trainer's events.jsonl into the database under the lease.
-
-    The read offset advances only after the transaction that stored the events commits,
-    so a database outage delays events but loses none. Metric events update the job row
-    every time and enter the event log at most every `events_metrics_every_s`.
-
-    With a remote artifact store (swav_service/storage.py), a checkpoint event waits, and
-    the events after it, until its files are uploaded (in a thread, so the lease is
-    renewed meanwhile): a recorded checkpoint can be downloaded from any machine.
-    """
-
-    lease: Lease
-    run_dir: Path
-    settings: Settings
-    offset: int = 0
-    last_metrics_at: float = 0.0
-    pending_metrics: dict[str, Any] | None = None
-    labelled: bool | None = None
-    store: ArtifactStore | None = None
-    uploads: dict[str, Future[None]] = field(default_factory=dict)
-    uploaded: set[str] = field(default_factory=set)
-    upload_failures: Counter[str] = field(default_factory=Counter)
-    pruned: list[Path] = field(default_factory=list)
-    _uploader: ThreadPoolExecutor | None = None
-
-    @property
-    def job_id(self) -> str:
-        return self.lease.job_id
-
-    def start_at_end(self) -> None:
-        path = self.run_dir / "events.jsonl"
-        self.offset = path.stat().st_size if path.exists() else 0
-
-    def poll(self, flush: bool = False) -> None:
-        path = self.run_dir / "events.jsonl"
-        to_evaluate: list[str] = []
-        if path.exists():
-            with path.open("rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-            complete = self._uploaded_prefix(data[: data.rfind(b"\n") + 1], wait=flush)
-            events = [json.loads(line) for line in complete.splitlines() if line.strip()]
-            if events:
-                with session_scope() as session:
-                    self.lease.guard(session)
-                    for event in events:
-                        self._apply(session, event, to_evaluate)
-            self.offset += len(complete)
-        for checkpoint_id in to_evaluate:
-            self._enqueue_evaluation(checkpoint_id)
-        self._delete_pruned()
-        if self.pending_metrics and (
-            flush or time.monotonic() - self.last_metrics_at >= self.settings.events_metrics_every_s
-        ):
-            with session_scope() as session:
-                self.lease.guard(session)
-                append_event(session, self.job_id, "metrics", self.pending_metrics)
-            self.pending_metrics = None
-            self.last_metrics_at = time.monotonic()
-
-    def _uploaded_prefix(self, complete: bytes, wait: bool) -> bytes:
-        """The events up to the first checkpoint whose upload is not done (started now)."""
-        if self.store is None or not self.store.remote:
-            return complete
-        end = 0
-        for line in complete.splitlines(keepends=True):
-            if b'"checkpoint"' in line:
-                event = json.loads(line)
-                if event.get("type") == "checkpoint" and not self._uploaded(event["path"], wait):
-                    return complete[:end]
-            end += len(line)
-        return complete
-
-    def _uploaded(self, name: str, wait: bool) -> bool:
-        """Whether the checkpoint's upload is done; starts it if not. A checkpoint pruned
-        before its upload counts as done (its row is then marked unavailable); one whose
-        upload failed 3 times too, with an error in the log, so that the run goes on."""
-        while name not in self.uploaded:
-            if name not in self.uploads:
-                if self._uploader is None:
-                    self._uploader = ThreadPoolExecutor(1, thread_name_prefix="swav-upload")
-                self.uploads[name] = self._uploader.submit(self._upload, Path(name))
-            future = self.uploads[name]
-            if wait:
-                future.exception()  # blocks until it is done
-            if not future.done():
-                return False
-            del self.uploads[name]
-            error = future.exception()
-            if error is not None and not isinstance(error, FileNotFoundError):
-                self.upload_failures[name] += 1
-                if self.upload_failures[name] < 3:
-                    log.warning("job %s: upload of %s failed (%s); retrying", self.job_id,
-                                Path(name).name, error)
-                    continue
-                log.error("job %s: %s not uploaded to the artifact store: %s", self.job_id,
-                          Path(name).name, error)
-            self.uploaded.add(name)
-        return True
-
-    def _upload(self, path: Path) -> None:
-        if self.store is not None:
-            self.store.upload(sidecar(path))  # first, as the trainer commits them
-            self.store.upload(path)
-
-    def _delete_pruned(self) -> None:
-        """Remove the store's copies of checkpoints the trainer pruned (after the commit)."""
-        while self.pruned and self.store is not None:
-            path = self.pruned.pop()
-            try:
-                self.store.delete(sidecar(path))
-                self.store.delete(path)
-            except StorageError as error:
-                log.warning("job %s: %s", self.job_id, error)
-
-    def close(self) -> None:
-        if self._uploader is not None:
-            self._uploader.shutdown(wait=False, cancel_futures=True)
-
-    def _apply(self, session: Session, event: dict[str, Any], to_evaluate: list[str]) -> None:
-        kind = event.pop("type")
-        event.pop("time", None)
-        if kind == "metrics":
-            skip = ("step", "total_steps", "epoch", "eta_s")
-            session.execute(
-                update(Job)
-                .where(Job.id == self.job_id)
-                .values(
-                    step=event["step"],
-                    total_steps=event["total_steps"],
-                    epoch=event["epoch"],
-                    metrics={k: v for k, v in event.items() if k not in skip},
-                    eta_s=event["eta_s"],
-                    updated_at=utcnow(),
-                )
-            )
-            self.pending_metrics = event
-            return
-        if kind in ("started", "resumed"):
-            values = {"step": event["step"], "epoch": event["epoch"]}
-            if event.get("total_steps") is not None:
-                values["total_steps"] = event["total_steps"]
-            session.execute(update(Job).where(Job.id == self.job_id).values(**values))
-        elif kind in ("budget_fitted", "budget_refitted"):  # the budget fixed the length
-            session.execute(
-                update(Job)
-                .where(Job.id == self.job_id)
-                .values(total_steps=event["total_steps"], epochs=event["epochs"])
-            )
-        elif kind == "checkpoint":
-            path = str(Path(event["path"]).resolve().relative_to(self.settings.artifacts))
-            checkpoint_id = self._record_checkpoint(session, event, path)
-            if self._labelled(session):
-                to_evaluate.append(checkpoint_id)
-            self._mark_pruned(session)
-            event = {**event, "path": path, "checkpoint_id": checkpoint_id}
-        append_event(session, self.job_id, kind, event)
-
-    def _record_checkpoint(self, session: Session, event: dict[str, Any], path: str) -> str:
-        """One row per (step, final): a file saved again at the same step (a resumed run
-        that re-saves it) updates its row. Returns the row's id."""
-        values = {
-            "epoch": event["epoch"],
-            "path": path,
-            "size_bytes": event["size_bytes"],
-            "sha256": event["sha256"],
-            "metrics": {"loss": event.get("loss")},
-            "available": True,
-            "quality": None,
-        }
-        row = session.execute(
-            select(Checkpoint).where(
-                Checkpoint.job_id == self.job_id,
-                Checkpoint.step == event["step"],
-                Checkpoint.final == event["final"],
-            )
-        ).scalar_one_or_none()
-        if row is None:
-            row = Checkpoint(
-                id=new_id("ckpt"), job_id=self.job_id, step=event["step"], final=event["final"]
-            )
-            session.add(row)
-        for key, value in values.items():
-            setattr(row, key, value)
-        session.flush()
-        return row.id
-
-    def _labelled(self, session: Session) -> bool:
-        """Whether the job's dataset has classes (checked once): only then can a quality
-        report be computed."""
-        if self.labelled is None:
-            job = session.get(Job, self.job_id)
-            dataset = session.get(Dataset, job.dataset_id) if job is not None else None
-            self.labelled = bool(dataset is not None and dataset.classes)
-        return self.labelled
-
-    def _enqueue_evaluation(self, checkpoint_id: str) -> None:
-        """After the commit, so the task finds the row; a broker error loses only a report
-        (it can be requested again with POST /v1/checkpoints/{id}/evaluate)."""
-        try:
-            enqueue_evaluation(checkpoint_id)
-        except Exception:
-            log.warning("could not enqueue the evaluation of %s", checkpoint_id, exc_info=True)
-
-    def _mark_pruned(self, session: Session) -> None:
-        for path in mark_pruned(session, self.settings, self.job_id):
-            if self.store is not None and self.store.remote:
-                self.pruned.append(path)
-
-
-def mark_pruned(session: Session, settings: Settings, job_id: str) -> list[Path]:
-    """Flag the job's checkpoint rows whose file is gone from disk as unavailable; their
-    paths (the files the trainer or keep-best pruned)."""
-    gone = []
-    rows = session.scalars(
-        select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.available.is_(True))
-    )
-    for row in rows:
-        path = settings.artifacts / row.path
-        if not path.exists():
-            row.available = False
-            gone.append(path)
-    return gone
-
-
-def start_child(run_dir: Path, command: list[str] | None = None) -> subprocess.Popen[bytes]:
-    """The training process (default: one rank; worker/launch.py builds torchrun's)."""
-    log_file = (run_dir / "train.log").open("ab")
-    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}  # see swav_core/cli.py
-    return subprocess.Popen(
-        command or [sys.executable, "-m", "worker.train_child", str(run_dir)],
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=die_with_parent,  # a worker killed with -9 leaves no orphan training
-    )
-
-
-def kill_group(process: subprocess.Popen[bytes], sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, sig)
-
-
-@dataclass
-class Supervision:
-    """Why the runner asked its child to stop (first reason wins) and when."""
-
-    reason: str | None = None
-    at: float | None = None
-
-    def request(self, reason: str, run_dir: Path) -> None:
-        if self.reason is None:
-            self.reason, self.at = reason, time.monotonic()
-            (run_dir / "STOP").touch()
 
 
 def run_job(job_id: str, settings: Settings) -> None:

@@ -340,7 +340,7 @@ def keep_best_checkpoint(session: Any, settings: Settings, job_id: str) -> None:
         row.best = row.id == best.id
         if not row.final and row in on_disk:
             set_pinned(settings.artifacts / row.path, row.best)
-    from worker.runner import mark_pruned
+    from worker.relay import mark_pruned
 
     run_dir = job_run_dir(settings, job_id)
     prune_checkpoints(run_dir, int(job.config.get("keep_last", 1)))
