@@ -9,13 +9,9 @@ images (Pillow, allow-listed formats, byte and pixel caps) and preprocess them a
 checkpoint's `size_crops[0]`, in slices on several pool threads -> hand them to the
 model's `Batcher` for the layer -> render the JSON answer.
 
-A `Batcher` gathers the batches of concurrent requests for up to `embed_batch_window_ms`
-(or until `embed_max_batch` images wait), runs ONE forward pass for all of them on the
-service's single forward thread, and gives each request its own rows back. Requests are
-never split, so a batch may exceed the cap when one request alone does. At most
-`embed_max_queue_items` images wait per (model, layer); beyond that a request is refused
-(`Overloaded`, answered 503). The forward is `swav_core.embed.embed` itself (unnormalised);
-normalising each request's rows afterwards is the same row-wise operation.
+The decoding is api/image_inputs.py; the micro-batching of concurrent requests for one
+(model, layer) is api/batcher.py. The forward is `swav_core.embed.embed` itself
+(unnormalised); normalising each request's rows afterwards is the same row-wise operation.
 
 Decoding and preprocessing run in the request thread pool, forwards on one dedicated
 thread (one device, one pass at a time); the event loop renders only small answers. This module
@@ -26,14 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
-import contextlib
-import io
 import itertools
 import json
 import logging
 import os
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -42,15 +35,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import Request
-from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from api.batcher import Batcher, Overloaded, Stats
 from api.errors import ApiError
+from api.image_inputs import decode_images
 from api.lookups import stored_path
 from swav_core.errors import CheckpointError
-from swav_core.images import ALLOWED_FORMATS, rgb_frame
 from swav_service.models import Checkpoint, Job
 from swav_service.settings import Settings, get_settings
 
@@ -63,7 +56,6 @@ log = logging.getLogger(__name__)
 
 Layer = Literal["backbone", "projection"]
 
-# What Pillow reports for the allowed formats (MPO: the multi-picture JPEGs cameras write).
 RETRY_AFTER_S = 1
 INLINE_RENDER_VALUES = 4096  # smaller answers are rendered on the event loop
 
@@ -134,100 +126,7 @@ def resolve_model(
     )
 
 
-# --------------------------------------------------------------------------- images
-
-
-def _invalid(param: str, reason: str) -> ApiError:
-    return ApiError(400, "invalid_image", f"{param}: {reason}", param)
-
-
-def _too_large(param: str, reason: str) -> ApiError:
-    return ApiError(413, "image_too_large", f"{param}: {reason}", param)
-
-
-def decode_base64(text: str, param: str, max_bytes: int) -> bytes:
-    """The bytes of a base64 image (a `data:image/...;base64,` URL is accepted too)."""
-    if text.startswith("data:"):
-        header, comma, text = text.partition(",")
-        if not comma or not header.endswith(";base64"):
-            raise _invalid(param, "a data URL must be base64 (data:image/png;base64,...)")
-    text = "".join(text.split())
-    if len(text) // 4 * 3 > max_bytes + 2:
-        raise _too_large(param, f"the image is over the {max_bytes}-byte limit")
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise _invalid(param, "not valid base64") from None
-    if len(data) > max_bytes:
-        raise _too_large(param, f"the image is {len(data)} bytes; the limit is {max_bytes}")
-    return data
-
-
-def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
-    """`data` as 8-bit RGB exactly as `swav_core.images.load_rgb` reads a file.
-
-    Only JPEG/PNG/WEBP/BMP/GIF (by content, not name); the first frame; EXIF orientation
-    applied. Raises ApiError 400 `invalid_image` or 413 `image_too_large` (over
-    `max_pixels`, checked from the header before any pixel is decoded).
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format not in ALLOWED_FORMATS:
-                raise _invalid(
-                    param, f"unsupported format {image.format}; send JPEG, PNG, WEBP, BMP or GIF"
-                )
-            width, height = image.size
-            if width * height > max_pixels:
-                raise _too_large(
-                    param, f"{width}x{height} is over the {max_pixels}-pixel limit"
-                )
-            return rgb_frame(image)
-    except ApiError:
-        raise
-    except Image.DecompressionBombError:
-        raise _too_large(param, f"the image is over the {max_pixels}-pixel limit") from None
-    except Image.UnidentifiedImageError:
-        raise _invalid(param, "not a recognised image") from None
-    # Truncated or malformed files fail with many exception types; all mean "undecodable".
-    except Exception as exc:
-        raise _invalid(param, f"cannot be decoded ({type(exc).__name__})") from None
-
-
-def decode_images(
-    payloads: Sequence[str | bytes], field_name: str, settings: Settings, offset: int = 0
-) -> list[Image.Image]:
-    """Every payload (base64 text or raw bytes) decoded; the first bad one raises.
-
-    `offset` is the index of `payloads[0]` in the request (for the error's `param`).
-    """
-    images = []
-    for index, payload in enumerate(payloads, start=offset):
-        param = f"{field_name}.{index}"
-        if isinstance(payload, str):
-            data = decode_base64(payload, param, settings.max_image_bytes)
-        else:
-            data = payload
-            if len(data) > settings.max_image_bytes:
-                raise _too_large(
-                    param,
-                    f"the image is {len(data)} bytes; the limit is {settings.max_image_bytes}",
-                )
-        images.append(decode_image(data, param, settings.max_image_pixels))
-    return images
-
-
 # --------------------------------------------------------------------------- models
-
-
-@dataclass
-class Stats:
-    model_calls: int = 0  # forward passes
-    forward_s: float = 0.0  # time spent in them
-    items: int = 0  # images embedded
-    requests: int = 0  # requests answered with embeddings
-    loads: int = 0
-    evictions: int = 0
-    overloaded: int = 0
 
 
 @dataclass
@@ -319,102 +218,6 @@ def prepare(
         for row, index in zip(batch, indices, strict=True):
             rows[index] = row
     return torch.stack(rows)
-
-
-class Overloaded(Exception):
-    """The model's queue is full."""
-
-
-@dataclass
-class _Pending:
-    parts: list[torch.Tensor]  # one request's images, in slices
-    count: int
-    future: asyncio.Future[torch.Tensor]
-    arrived: float
-
-
-class Batcher:
-    """Micro-batches the requests for one (model, layer); see the module docstring."""
-
-    def __init__(
-        self,
-        run: Callable[[list[list[torch.Tensor]]], torch.Tensor],
-        executor: ThreadPoolExecutor,
-        stats: Stats,
-        window_s: float,
-        max_batch: int,
-        max_queue: int,
-    ) -> None:
-        self._run = run
-        self._executor = executor
-        self._stats = stats
-        self._window = window_s
-        self._max_batch = max(1, max_batch)
-        self._max_queue = max_queue
-        self._pending: deque[_Pending] = deque()
-        self._queued = 0
-        self._full = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def queued(self) -> int:
-        return self._queued
-
-    async def submit(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """The (unnormalised) rows of the images in `parts`, computed with whatever else
-        is waiting."""
-        count = sum(len(part) for part in parts)
-        if self._queued and self._queued + count > self._max_queue:
-            raise Overloaded
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[torch.Tensor] = loop.create_future()
-        self._pending.append(_Pending(parts, count, future, loop.time()))
-        self._queued += count
-        if self._queued >= self._max_batch:
-            self._full.set()
-        if self._task is None or self._task.done():
-            self._task = loop.create_task(self._drain())
-        return await future
-
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            delay = self._pending[0].arrived + self._window - loop.time()
-            if self._queued < self._max_batch and delay > 0:
-                self._full.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._full.wait(), delay)
-            taken: list[_Pending] = []
-            count = 0
-            while self._pending and (
-                not taken or count + self._pending[0].count <= self._max_batch
-            ):
-                item = self._pending.popleft()
-                self._queued -= item.count
-                if not item.future.done():  # done: its request was cancelled
-                    taken.append(item)
-                    count += item.count
-            if not taken:
-                continue
-            begin = loop.time()
-            try:
-                out = await loop.run_in_executor(
-                    self._executor, self._run, [item.parts for item in taken]
-                )
-            except Exception as exc:
-                for item in taken:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
-            self._stats.model_calls += 1
-            self._stats.forward_s += loop.time() - begin
-            self._stats.items += count
-            start = 0
-            for item in taken:
-                rows = out[start : start + item.count]
-                start += item.count
-                if not item.future.done():
-                    item.future.set_result(rows)
 
 
 class ModelCache:
