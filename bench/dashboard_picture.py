@@ -53,8 +53,11 @@ def mnist_zip() -> bytes:
 def wait(check: Any, timeout: float, what: str) -> Any:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if value := check():
-            return value
+        try:
+            if value := check():
+                return value
+        except httpx.TransportError:  # the service is still starting
+            pass
         time.sleep(2)
     raise SystemExit(f"timed out waiting for {what}")
 
@@ -153,7 +156,10 @@ def main() -> None:
             screenshot(base, key, job_id, args.out)
         finally:
             os.killpg(service.pid, signal.SIGINT)
-            service.wait(timeout=60)
+            try:
+                service.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(service.pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":
