@@ -22,7 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check swav_core swav_service api worker swav_client migrations tests bench
 	$(BIN)/mypy swav_core swav_service api worker swav_client
 
-# tests/test_dashboard.py drives Debian's headless chromium through chromium-driver (no
+# tests/api/test_dashboard.py drives Debian's headless chromium through chromium-driver (no
 # browser download at test time); installed here when missing.
 browser:
 	@if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/chromedriver ]; then \

@@ -7,7 +7,7 @@ model, loss and optimiser step on tensors already on the device), peak GPU memor
 (torch.cuda.max_memory_allocated) and the loss curve. Fails if the run does not finish
 or the loss does not go down.
 
-equivalence: 2 ranks == 1 process, as tests/test_trainer.py checks with gloo on the CPU,
+equivalence: 2 ranks == 1 process, as tests/core/test_trainer.py checks with gloo on the CPU,
 here on 2 GPUs over NCCL: a 4-step tiny run's final weights from 2 ranks (global batch
 norm, global Sinkhorn) match the single-process run within the test's bound, and per-rank
 batch norm (the negative control) does not.
@@ -51,7 +51,7 @@ from swav_core.synthetic import SHAPES, shape_image, write_shapes_dataset
 from swav_core.trainer import autocast_context, train
 from swav_core.training_state import build_optimizer
 
-# tests/test_trainer.py::test_two_gloo_ranks_match_one_process derives these bounds: at
+# tests/core/test_trainer.py::test_two_gloo_ranks_match_one_process derives these bounds: at
 # lr 0.01 rounding differences between 1 and 2 ranks stay near 5e-5 after 4 steps, while
 # per-rank batch norm is off by ~5e-2.
 EQUIVALENCE_ATOL = 3e-4
@@ -277,7 +277,7 @@ def equivalence(args: argparse.Namespace, work: Path) -> bool:
     if device_type == "cuda" and torch.cuda.device_count() < 2:
         print(f"equivalence: needs 2 GPUs, found {torch.cuda.device_count()}")
         return False
-    # tests/conftest.py's shapes and tests/test_trainer.py's config: 4 steps of batch 32.
+    # tests/conftest.py's shapes and tests/core/test_trainer.py's config: 4 steps of batch 32.
     data = write_shapes_dataset(work / "shapes", per_class=32, size=32)
     config = config_from(
         "cpu-tiny", epochs=1, sync_bn=True, base_lr=0.01, final_lr=0.001, freeze_prototypes=0

@@ -2,7 +2,7 @@
 # The GPU check as one script, a few minutes on one GPU, nothing downloaded (bench/gpu_check.py):
 #   1. resnet50 SwAV with the paper's crops (2x224 + 6x96) at bf16, a few hundred steps of
 #      swav_core's trainer on generated images: images/s, peak GPU memory, loss curve;
-#   2. with 2 or more GPUs, 2 NCCL ranks == 1 process (tests/test_trainer.py: gloo, CPU).
+#   2. with 2 or more GPUs, 2 NCCL ranks == 1 process (tests/core/test_trainer.py: gloo, CPU).
 # Results are printed and written as JSON under --out (default var/gpu_check).
 #
 #   bash bench/gpu_check.sh                     # on a GPU machine with .venv

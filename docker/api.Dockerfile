@@ -8,7 +8,7 @@
 # The builder makes /opt/venv the way `make setup` makes .venv (an editable install of the
 # project, whose pyproject.toml brings every dependency), except that torch and torchvision
 # come first from the CPU wheel index, with pyproject.toml's bounds, so that the project
-# install keeps them. tests/test_deploy.py checks that both Dockerfiles keep to this.
+# install keeps them. tests/e2e/test_deploy.py checks that both Dockerfiles keep to this.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 

@@ -292,7 +292,7 @@ def preset_names() -> list[str]:
 
 
 # What a job request may name as its preset: `auto` (swav_core.recipe, the default) or a
-# key of PRESETS; tests/test_config.py keeps the two in step.
+# key of PRESETS; tests/core/test_config.py keeps the two in step.
 PresetName = Literal["auto", "cpu-tiny", "imagenet-100ep", "imagenet-800ep", "small-batch"]
 
 

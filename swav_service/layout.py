@@ -22,7 +22,7 @@ from swav_service.settings import Settings
 EMBEDDINGS_FILE = "embeddings.npy"
 INDEX_FILE = "index.json"
 # swav_core.checkpoint's suffix, repeated because importing it would import torch here;
-# tests/test_layout.py checks that the two agree.
+# tests/service/test_layout.py checks that the two agree.
 SIDECAR_SUFFIX = ".sha256"
 
 

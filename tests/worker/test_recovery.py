@@ -27,7 +27,7 @@ from swav_service.dispatch import TRAIN_TASK
 from swav_service.models import Job
 from swav_service.settings import Settings
 from tests.conftest import REDIS_URL, Service
-from tests.test_service_e2e import upload_ready_dataset, wait_for
+from tests.e2e.test_service_e2e import upload_ready_dataset, wait_for
 from worker.celery_app import create_celery
 
 FAST_LEASES = {

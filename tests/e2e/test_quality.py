@@ -19,7 +19,7 @@ import httpx
 
 from swav_core.synthetic import write_shapes_dataset
 from tests.conftest import Service
-from tests.test_service_e2e import upload_ready_dataset, wait_for
+from tests.e2e.test_service_e2e import upload_ready_dataset, wait_for
 
 
 def checkpoints_of(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:

@@ -46,7 +46,7 @@ from swav_core.errors import CheckpointError
 from swav_core.model import SwAVModel
 from swav_core.queue import FeatureQueue
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_model() -> SwAVModel:

@@ -46,7 +46,7 @@ from tests.conftest import (
     free_port,
     service_env,
 )
-from tests.test_service_e2e import run_to_success, upload_ready_dataset, wait_for
+from tests.e2e.test_service_e2e import run_to_success, upload_ready_dataset, wait_for
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"

@@ -27,8 +27,8 @@ from swav_service.layout import sidecar
 from swav_service.settings import Settings
 from swav_service.storage import S3Store, StorageError, artifact_store
 from tests.conftest import BIN, Service, free_port
-from tests.test_recovery import events_of, job_of, wait_status
-from tests.test_service_e2e import upload_ready_dataset, wait_for
+from tests.e2e.test_service_e2e import upload_ready_dataset, wait_for
+from tests.worker.test_recovery import events_of, job_of, wait_status
 
 BUCKET = "swav-test"
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}

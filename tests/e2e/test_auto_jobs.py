@@ -13,7 +13,7 @@ from PIL import Image
 
 from swav_core.synthetic import write_shapes_dataset
 from tests.conftest import Service
-from tests.test_service_e2e import upload_ready_dataset, wait_for
+from tests.e2e.test_service_e2e import upload_ready_dataset, wait_for
 
 # The budget counts from the training process's launch and covers its final checkpoint;
 # the process's exit and the worker's bookkeeping after it (1-2 s here, measured) are

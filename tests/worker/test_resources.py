@@ -2,7 +2,7 @@
 
 Real PostgreSQL, Redis, API and Celery workers; the 2-rank job runs as 2 CPU processes
 (gloo) under `torch.distributed.run`, like the engine's own DDP test
-(tests/test_trainer.py::test_two_gloo_ranks_match_one_process) but through the service.
+(tests/core/test_trainer.py::test_two_gloo_ranks_match_one_process) but through the service.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from sqlalchemy import select
 from swav_service.db import make_engine
 from swav_service.models import Worker
 from tests.conftest import Service
-from tests.test_recovery import events_of, job_of, wait_status
-from tests.test_service_e2e import upload_ready_dataset
+from tests.e2e.test_service_e2e import upload_ready_dataset
+from tests.worker.test_recovery import events_of, job_of, wait_status
 
-# As in tests/test_trainer.py::test_two_gloo_ranks_match_one_process: SGD at lr 0.01 with
+# As in tests/core/test_trainer.py::test_two_gloo_ranks_match_one_process: SGD at lr 0.01 with
 # a global batch norm, where the rounding differences of 2 ranks stay near 5e-5 after
 # its 4 steps (at lr 0.1 they grow ~10x per step).
 EQUIVALENT = {

@@ -14,7 +14,7 @@ methods, invalid input accepted, or auth ignored. Left out: `positive_data_accep
 (schema-valid requests that are rightly refused for what a schema cannot say: a .png
 where an archive is due, a pruned checkpoint, an unknown preset), response-time limits
 (the first embedding loads torch; CI machines are shared) and
-`object_level_authorization` (tests/test_auth.py covers tenants). The run is bounded
+`object_level_authorization` (tests/api/test_auth.py covers tenants). The run is bounded
 (examples per operation, a fixed seed) to well under a minute of fuzzing on two cores.
 """
 

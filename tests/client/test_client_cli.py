@@ -29,8 +29,8 @@ from swav_client.client import parse_retry_after
 from swav_client.sse import parse_sse
 from swav_client.upload import scan_folder, tar_length, tar_pieces, upload_body
 from swav_core.synthetic import write_shapes_dataset
+from tests.api.test_metrics import own_queues
 from tests.conftest import BIN, ROOT, Service, free_port
-from tests.test_metrics import own_queues
 
 STEPS = 2  # epochs=2 of 32 images at cpu-tiny's batch 32: one step per epoch
 

@@ -48,7 +48,7 @@ from tests.conftest import (
     migrate,
     service_env,
 )
-from tests.test_service_e2e import upload_ready_dataset, wait_for
+from tests.e2e.test_service_e2e import upload_ready_dataset, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

@@ -4,7 +4,7 @@ Real PostgreSQL, Redis, API and Celery workers. The job waits until two workers 
 claimed its node ranks, trains as one gang (torch's launcher, static rendezvous at the
 endpoint node 0's worker recorded), checkpoints, and succeeds; a `kill -9` of the worker
 holding node 1 sends it back to the queue, and a new gang resumes it from its last
-checkpoint. Leases are short (tests/test_recovery.py) so recovery happens in the test.
+checkpoint. Leases are short (tests/worker/test_recovery.py) so recovery happens in the test.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from sqlalchemy import select
 from swav_service.db import make_engine
 from swav_service.models import JobRank
 from tests.conftest import Service
-from tests.test_recovery import (
+from tests.e2e.test_service_e2e import upload_ready_dataset, wait_for
+from tests.worker.test_recovery import (
     FAST_LEASES,
     events_of,
     first_checkpoint,
@@ -28,7 +29,6 @@ from tests.test_recovery import (
     trainers_of,
     wait_status,
 )
-from tests.test_service_e2e import upload_ready_dataset, wait_for
 
 
 def rank_owners(service: Service, job_id: str) -> dict[int, int]:

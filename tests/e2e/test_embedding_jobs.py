@@ -27,7 +27,7 @@ from swav_core.synthetic import write_shapes_dataset
 from swav_service.db import make_engine
 from swav_service.models import Checkpoint, Dataset, EmbeddingJob, Job, new_id
 from tests.conftest import Service
-from tests.test_service_e2e import wait_for
+from tests.e2e.test_service_e2e import wait_for
 
 ENVELOPE_KEYS = {"code", "message", "param"}
 
