@@ -1,5 +1,10 @@
 """`swav-service`: migrate, api, worker, up (migrate + API + workers for local use), and
-API keys: create-key, revoke-key, list-keys (on the database the settings name)."""
+API keys: create-key, revoke-key, list-keys (on the database the settings name).
+
+The key commands migrate the embedded SQLite file first when it is new or behind, so
+`create-key` works on a fresh data folder; on a database server that is not migrated they
+print one line asking for `swav-service migrate` and exit 1.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +15,79 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def alembic_config() -> Config:
+    """Alembic's configuration for the database named by the settings."""
+    from alembic.config import Config
+
+    from swav_service.settings import get_settings
+
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config.attributes["url"] = get_settings().resolved_database_url
+    return config
 
 
 def migrate(revision: str = "head") -> None:
     """Upgrade the database named by the settings to `revision`."""
     from alembic import command
-    from alembic.config import Config
 
     from swav_service.settings import get_settings
 
+    get_settings().data_dir.mkdir(parents=True, exist_ok=True)
+    command.upgrade(alembic_config(), revision)
+
+
+def schema_is_current() -> bool:
+    """Whether the database is at this code's newest migration; False for a fresh one."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from swav_service.db import get_engine
+
+    heads = set(ScriptDirectory.from_config(alembic_config()).get_heads())
+    with get_engine().connect() as connection:
+        return set(MigrationContext.configure(connection).get_current_heads()) == heads
+
+
+def ensure_schema(command: str) -> bool:
+    """Make sure the key commands find their tables; False after a one-line message.
+
+    The embedded SQLite file is migrated on the spot, as `up` would, so that
+    `create-key` works on a fresh data folder before the first `up`. A database server is
+    left alone: migrating it is the operator's step (`swav-service migrate`), and doing it
+    behind a key command could race a deployment's own migration.
+    """
+    from sqlalchemy.exc import OperationalError
+
+    from swav_service.settings import get_settings
+
+    try:
+        if schema_is_current():
+            return True
+    except OperationalError as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        print(f"swav-service {command}: cannot reach the database: {reason}", file=sys.stderr)
+        return False
     settings = get_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "migrations"))
-    config.attributes["url"] = settings.resolved_database_url
-    command.upgrade(config, revision)
+    if settings.embedded_database:
+        migrate()
+        print(f"swav-service {command}: migrated {settings.resolved_database_url}",
+              file=sys.stderr)
+        return True
+    print(
+        f"swav-service {command}: the database is not migrated to this version's schema; "
+        "run `swav-service migrate` first",
+        file=sys.stderr,
+    )
+    return False
 
 
 def create_key(tenant: str, name: str | None) -> int:
@@ -35,6 +96,8 @@ def create_key(tenant: str, name: str | None) -> int:
     from api.auth import create_key as make_key
     from swav_service.db import get_sessionmaker
 
+    if not ensure_schema("create-key"):
+        return 1
     try:
         with get_sessionmaker()() as session:
             row, key = make_key(session, tenant, name)
@@ -53,6 +116,8 @@ def revoke_key(id_or_prefix: str) -> int:
     from api.auth import revoke_key as revoke
     from swav_service.db import get_sessionmaker
 
+    if not ensure_schema("revoke-key"):
+        return 1
     try:
         with get_sessionmaker()() as session:
             row = revoke(session, id_or_prefix)
@@ -68,6 +133,8 @@ def list_keys(tenant: str | None) -> int:
     from api.auth import list_keys as keys
     from swav_service.db import get_sessionmaker
 
+    if not ensure_schema("list-keys"):
+        return 1
     with get_sessionmaker()() as session:
         rows = keys(session, tenant)
     for row in rows:

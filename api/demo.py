@@ -1,15 +1,21 @@
 """The README's main job: the whole service on embedded defaults, driven over HTTP.
 
-Makes an API key with `swav-service create-key` (authentication stays on, as in any
-deployment), starts `swav-service up` (SQLite, Celery's filesystem transport, local
-artifacts, all under ./var/demo), generates a small image set, uploads it, submits a cpu-tiny job,
-follows it to `succeeded` over the live event stream, lists its checkpoints and
-downloads the final one, checking its sha256. No Redis or PostgreSQL needed.
+Makes an API key with `swav-service create-key` (which migrates the new SQLite file;
+authentication stays on, as in any deployment), starts `swav-service up` (SQLite, Celery's
+filesystem transport, local artifacts, all under ./var/demo), generates a small image set,
+uploads it, submits a cpu-tiny job, follows it to `succeeded` over the live event stream,
+lists its checkpoints, downloads the final one (sha256 checked) and embeds a few images
+with it. No Redis or PostgreSQL needed.
+
+The terminal shows only the product's own progress; the service's output (uvicorn, the
+Celery workers' banners and logs) goes to `service.log` in the data folder, whose path is
+printed first, so that it can be read when something goes wrong.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import io
 import json
@@ -18,10 +24,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -37,25 +43,30 @@ def demo_env(data_dir: Path) -> dict[str, str]:
 
 
 def create_key(env: dict[str, str]) -> str:
-    """Migrate, then a new API key of tenant "demo" (the last line create-key prints)."""
-    for args in (["migrate"], ["create-key", "--tenant", "demo", "--name", "make demo"]):
-        result = subprocess.run(
-            [sys.executable, "-m", "api.cli", *args],
-            env=env, cwd=ROOT, capture_output=True, text=True, check=True,
-        )
+    """A new API key of tenant "demo" (the last line create-key prints); create-key
+    migrates the fresh SQLite file itself."""
+    result = subprocess.run(
+        [sys.executable, "-m", "api.cli", "create-key", "--tenant", "demo", "--name", "make demo"],
+        env=env, cwd=ROOT, capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"swav-service create-key failed:\n{result.stderr}")
     return result.stdout.strip().splitlines()[-1]
 
 
-def start_service(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+def start_service(env: dict[str, str], port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """`swav-service up` in its own process group, its output and its children's in `log`."""
     return subprocess.Popen(
         [sys.executable, "-m", "api.cli", "up", "--port", str(port)],
         env=env,
         cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
 
 
-def wait_ready(base: str, timeout: float = 90) -> None:
+def wait_ready(base: str, log_path: Path, timeout: float = 90) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -64,17 +75,16 @@ def wait_ready(base: str, timeout: float = 90) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise SystemExit("the service did not become ready")
+    raise SystemExit(f"the service did not become ready; see {log_path}")
 
 
-def dataset_zip() -> bytes:
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = write_shapes_dataset(Path(tmp), per_class=32, size=32)
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w") as archive:
-            for path in sorted(folder.rglob("*.png")):
-                archive.write(path, str(path.relative_to(folder)))
-        return buffer.getvalue()
+def dataset_zip(folder: Path) -> bytes:
+    """The images under `folder` as a zip, paths relative to it (class folders kept)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(folder.rglob("*.png")):
+            archive.write(path, str(path.relative_to(folder)))
+    return buffer.getvalue()
 
 
 def follow(client: httpx.Client, job_id: str) -> None:
@@ -98,49 +108,73 @@ def follow(client: httpx.Client, job_id: str) -> None:
                 print(f"  job {data['status']}", flush=True)
 
 
+def print_embeddings(client: httpx.Client, checkpoint_id: str, images: Path) -> None:
+    """Embed the first image of each class with the checkpoint (`POST /v1/embeddings`)
+    and print the start of each vector."""
+    paths = [sorted(folder.glob("*.png"))[0] for folder in sorted(images.iterdir())]
+    response = client.post("/v1/embeddings", json={
+        "model": checkpoint_id,
+        "input": [base64.b64encode(path.read_bytes()).decode() for path in paths],
+    })
+    response.raise_for_status()
+    answer = response.json()
+    print(f"embeddings from {answer['model']} ({answer['dim']} dimensions, L2-normalised):")
+    for path, row in zip(paths, answer["data"], strict=True):
+        start = ", ".join(f"{value:+.3f}" for value in row["embedding"][:6])
+        print(f"  {path.relative_to(images)}: [{start}, ...]")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swav-demo")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "var" / "demo")
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args(argv)
     shutil.rmtree(args.data_dir, ignore_errors=True)
+    args.data_dir.mkdir(parents=True)
     base = f"http://127.0.0.1:{args.port}"
+    log_path = args.data_dir / "service.log"
+    print(f"service logs (API, Celery workers): {log_path}", flush=True)
 
     env = demo_env(args.data_dir)
     key = create_key(env)
     print(f"API key for tenant demo: {key[:13]}... (sent as Authorization: Bearer)")
-    service = start_service(env, args.port)
+    with log_path.open("ab") as log:
+        service = start_service(env, args.port, log)
     try:
-        wait_ready(base)
-        print(f"service up at {base} (embedded mode, data in {args.data_dir})")
+        wait_ready(base, log_path)
+        print(f"service up at {base} (embedded mode, data in {args.data_dir})", flush=True)
+        images = write_shapes_dataset(args.data_dir / "images", per_class=32, size=32)
         headers = {"Authorization": f"Bearer {key}"}
         with httpx.Client(base_url=base, timeout=60, headers=headers) as client:
+            archive = dataset_zip(images)
             upload = client.post(
                 "/v1/datasets",
                 data={"name": "shapes"},
-                files={"file": ("shapes.zip", dataset_zip(), "application/zip")},
+                files={"file": ("shapes.zip", archive, "application/zip")},
             )
             upload.raise_for_status()
             dataset_id = upload.json()["id"]
+            print(f"dataset {dataset_id} uploaded ({len(archive)} bytes), validating", flush=True)
             while (dataset := client.get(f"/v1/datasets/{dataset_id}").json())["status"] == (
                 "validating"
             ):
                 time.sleep(0.5)
             if dataset["status"] != "ready":
-                raise SystemExit(f"dataset failed: {dataset}")
+                raise SystemExit(f"dataset failed: {dataset}; see {log_path}")
             print(
-                f"dataset {dataset_id}: {dataset['num_images']} images, "
-                f"classes {dataset['classes']}"
+                f"dataset {dataset_id} ready: {dataset['num_images']} images, "
+                f"classes {dataset['classes']}",
+                flush=True,
             )
 
             job = client.post(
                 "/v1/jobs", json={"dataset_id": dataset_id, "preset": "cpu-tiny", "name": "demo"}
             ).json()
-            print(f"job {job['id']} submitted (cpu-tiny)")
+            print(f"job {job['id']} submitted (cpu-tiny)", flush=True)
             follow(client, job["id"])
             job = client.get(f"/v1/jobs/{job['id']}").json()
             if job["status"] != "succeeded":
-                raise SystemExit(f"job ended {job['status']}: {job['error']}")
+                raise SystemExit(f"job ended {job['status']}: {job['error']}; see {log_path}")
 
             checkpoints = client.get(f"/v1/jobs/{job['id']}/checkpoints").json()["data"]
             for c in checkpoints:
@@ -163,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             model.raise_for_status()
             target.write_bytes(model.content)
             print(f"downloaded {args.data_dir / 'final.pt'} (sha256 verified) and {target}")
+            print_embeddings(client, final["id"], images)
     finally:
         os.killpg(service.pid, signal.SIGINT)
         service.wait(timeout=60)

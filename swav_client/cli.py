@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar, cast
+from typing import Annotated, ParamSpec, TypeVar, cast
 
 import typer
 
@@ -20,7 +20,8 @@ from swav_client import display
 from swav_client.client import DEFAULT_URL, DOWNLOAD_FORMATS, EMBED_BATCH, SwavClient
 from swav_client.errors import ApiError, NotUploadable, SwavClientError
 from swav_client.types import Job
-from swav_core.config import parse_duration
+from swav_core.config import parse_duration, parse_settings
+from swav_core.errors import ConfigError
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -107,19 +108,6 @@ def reports_errors(command: Callable[P, T]) -> Callable[P, T]:
             raise typer.Exit(EXIT_FAILED) from None
 
     return run
-
-
-def parse_setting(text: str) -> tuple[str, Any]:
-    """`key=value` with the value read as JSON when it parses (2, 0.1, true, [32,24]),
-    else taken as a string (resnet18)."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise typer.BadParameter(f"{text!r}: write key=value, e.g. epochs=10")
-    try:
-        return key, json.loads(raw)
-    except ValueError:
-        return key, raw
 
 
 # ------------------------------------------------------------------------ datasets
@@ -234,7 +222,8 @@ def jobs_submit(
     ] = None,
     settings: Annotated[
         list[str] | None,
-        typer.Option("--set", help="A TrainConfig override, key=value (repeatable)."),
+        typer.Option("--set", help="A TrainConfig override, key=value (repeatable), read as "
+                     "the field's type: epochs=20, size_crops=32,24, precision=bf16."),
     ] = None,
     budget: Annotated[
         str | None,
@@ -266,7 +255,10 @@ def jobs_submit(
 ) -> None:
     """Submit a training job on a dataset."""
     opts = options(ctx, json_output)
-    config = dict(parse_setting(s) for s in settings or [])
+    try:
+        config = parse_settings(settings or [])
+    except ConfigError as error:
+        raise typer.BadParameter(str(error)) from None
     if budget is not None:
         try:
             config["budget_s"] = parse_duration(budget)

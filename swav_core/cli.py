@@ -32,7 +32,13 @@ from swav_core.checkpoint import (
     load_latest_checkpoint,
     load_model,
 )
-from swav_core.config import TrainConfig, config_from, parse_duration, preset_names
+from swav_core.config import (
+    TrainConfig,
+    config_from,
+    parse_duration,
+    parse_settings,
+    preset_names,
+)
 from swav_core.costs import estimate, measure_machine
 from swav_core.data import scan_image_folder
 from swav_core.embed import embed
@@ -44,27 +50,6 @@ from swav_core.spawn import StopFile, spawn
 from swav_core.trainer import TrainResult, train
 
 console = Console(stderr=True)
-
-
-def parse_value(text: str) -> Any:
-    """`--set` values: JSON when it parses (numbers, true, [2, 6]), `a,b` as a list, else text."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        pass
-    if "," in text:
-        return [parse_value(part) for part in text.split(",")]
-    return text
-
-
-def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SwavError(f"--set {pair!r}: expected key=value, e.g. --set epochs=10")
-        overrides[key.strip()] = parse_value(value.strip())
-    return overrides
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -149,7 +134,10 @@ def _train(argv: list[str] | None) -> int:
         choices=[AUTO, *preset_names()],
         help="auto (the default) chooses from the data, this machine and --budget",
     )
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a TrainConfig field, repeatable: epochs=20, size_crops=32,24, precision=bf16",
+    )
     parser.add_argument(
         "--budget", type=duration_argument, help="wall time instead of epochs: 1200, 20m, 1h30m"
     )
@@ -164,7 +152,7 @@ def _train(argv: list[str] | None) -> int:
 
     fields: dict[str, Any] = read_config_file(args.config) if args.config else {}
     preset = fields.pop("preset", None) or args.preset or AUTO
-    overrides = {**fields, **parse_overrides(args.set)}
+    overrides = {**fields, **parse_settings(args.set)}
     if args.budget is not None:
         overrides["budget_s"] = args.budget
     saved = load_latest_checkpoint(args.out) if args.resume else None

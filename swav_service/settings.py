@@ -124,6 +124,12 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{(self.data_dir / 'swav.db').resolve()}"
 
     @property
+    def embedded_database(self) -> bool:
+        """A SQLite file on this machine (the default), not a database server: the CLI may
+        create and migrate it on demand, while a server's schema is the operator's call."""
+        return self.resolved_database_url.startswith("sqlite")
+
+    @property
     def resolved_broker_url(self) -> str:
         return self.broker_url or "filesystem://"
 

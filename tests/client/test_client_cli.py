@@ -24,7 +24,6 @@ from swav_client import (
     ServerUnreachable,
     SwavClient,
 )
-from swav_client.cli import parse_setting
 from swav_client.client import parse_retry_after
 from swav_client.sse import parse_sse
 from swav_client.upload import scan_folder, tar_length, tar_pieces, upload_body
@@ -63,10 +62,7 @@ def test_folder_streams_as_an_exact_tar(tiny_shapes: Path) -> None:
     assert data in b"".join(chunks)
 
 
-def test_settings_retry_after_and_sse_parsing() -> None:
-    assert parse_setting("epochs=2") == ("epochs", 2)
-    assert parse_setting("size_crops=[32,24]") == ("size_crops", [32, 24])
-    assert parse_setting("backbone=resnet18") == ("backbone", "resnet18")
+def test_retry_after_and_sse_parsing() -> None:
     assert parse_retry_after("3") == 3.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a past date: now
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
@@ -119,12 +115,14 @@ def test_cli_against_live_service(pg_service: Service, tiny_shapes: Path, tmp_pa
 
     # Submit and follow to success: the live bar on stderr, the job on stdout.
     followed = ok(swav(pg_service, "jobs", "submit", "--dataset", dataset["id"], "--preset",
-                       "cpu-tiny", "--set", "epochs=2", "--name", "cli", "--follow"))
+                       "cpu-tiny", "--set", "epochs=2", "--set", "size_crops=32,24", "--name",
+                       "cli", "--follow"))
     assert f"step {STEPS}/{STEPS}" in followed.stderr and "succeeded" in followed.stderr
     job_id = followed.stderr.split("submitted ", 1)[1].split()[0]
     job = json.loads(ok(swav(pg_service, "jobs", "show", job_id, "--json")).stdout)
     assert job["status"] == "succeeded" and job["progress"]["step"] == STEPS
     assert job["config"]["epochs"] == 2 and job["name"] == "cli"
+    assert job["config"]["size_crops"] == [32, 24]  # sent as a list (tests/test_set_parser.py)
     listed = json.loads(ok(swav(pg_service, "--json", "jobs", "list",
                                 "--status", "succeeded")).stdout)
     assert [j["id"] for j in listed["data"]] == [job_id]
