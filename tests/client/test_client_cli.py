@@ -122,7 +122,7 @@ def test_cli_against_live_service(pg_service: Service, tiny_shapes: Path, tmp_pa
     job = json.loads(ok(swav(pg_service, "jobs", "show", job_id, "--json")).stdout)
     assert job["status"] == "succeeded" and job["progress"]["step"] == STEPS
     assert job["config"]["epochs"] == 2 and job["name"] == "cli"
-    assert job["config"]["size_crops"] == [32, 24]  # sent as a list (tests/test_set_parser.py)
+    assert job["config"]["size_crops"] == [32, 24]  # sent as a list (tests/core/test_set_parser.py)
     listed = json.loads(ok(swav(pg_service, "--json", "jobs", "list",
                                 "--status", "succeeded")).stdout)
     assert [j["id"] for j in listed["data"]] == [job_id]

@@ -127,6 +127,6 @@ def test_the_client_imports_no_torch() -> None:
     """`swav_client.cli` now imports `swav_core.config`, which must stay torch-free: the
     client is a small HTTP tool."""
     code = "import sys, swav_client.cli; print('torch' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
                           capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False"], done.stderr
