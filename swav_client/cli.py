@@ -17,8 +17,9 @@ from typing import Annotated, ParamSpec, TypeVar, cast
 import typer
 
 from swav_client import display
-from swav_client.client import DEFAULT_URL, DOWNLOAD_FORMATS, EMBED_BATCH, SwavClient
+from swav_client.client import DOWNLOAD_FORMATS, EMBED_BATCH, SwavClient
 from swav_client.errors import ApiError, NotUploadable, SwavClientError
+from swav_client.session import DEFAULT_URL
 from swav_client.types import Job
 from swav_core.config import parse_duration, parse_settings
 from swav_core.errors import ConfigError
