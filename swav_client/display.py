@@ -7,10 +7,10 @@ Results go to stdout; progress bars, notices and errors to stderr, so that
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from rich.console import Console
@@ -28,11 +28,13 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from swav_client.types import Checkpoint, Dataset, Event, Job, JobPlan
+from swav_client.types import Checkpoint, Dataset, Event, Job, JobPlan, Page, Resource
 from swav_client.upload import TransferProgress
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+
+M = TypeVar("M", bound=Resource)
 
 STATUS_STYLE = {
     "ready": "green",
@@ -54,6 +56,24 @@ def print_json(value: BaseModel | dict[str, Any] | list[Any]) -> None:
 
 def print_json_line(value: BaseModel) -> None:
     print(value.model_dump_json(), flush=True)
+
+
+def print_result(value: M, as_json: bool, details: Callable[[M], Table]) -> None:
+    """One resource: JSON on stdout for scripts, else the table `details` draws of it."""
+    if as_json:
+        print_json(value)
+    else:
+        out.print(details(value))
+
+
+def print_page(page: Page[M], as_json: bool, table: Callable[[list[M]], Table]) -> None:
+    """One page of a listing: JSON, or the table and, on stderr, how to ask for the next."""
+    if as_json:
+        print_json(page)
+        return
+    out.print(table(page.data))
+    if page.next_cursor:
+        print_notice(f"more: --cursor {page.next_cursor}")
 
 
 def status_text(status: str) -> Text:

@@ -35,7 +35,9 @@ from swav_service.layout import (
 from swav_service.models import Checkpoint, Dataset, EmbeddingJob, Job, utcnow
 from swav_service.settings import Settings, get_settings
 from swav_service.storage import StorageError, artifact_store
-from worker.archive import ArchiveLimits, ArchiveRefused, extract_archive, shown_name
+from worker.archive import extract_archive
+from worker.archive_caps import ArchiveLimits, ArchiveRefused
+from worker.archive_names import shown_name
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)

@@ -29,12 +29,9 @@ from PIL import Image
 
 from swav_core.data import NoImagesError, scan_image_folder
 from tests.conftest import Service, create_database, drop_database, migrate, service_env
-from worker.archive import (
-    ArchiveLimits,
-    ArchiveRefused,
-    extract_archive,
-    zip_entry_count,
-)
+from worker.archive import extract_archive
+from worker.archive_caps import ArchiveLimits, ArchiveRefused
+from worker.archive_zip import zip_entry_count
 
 MiB = 1 << 20
 LIMITS = ArchiveLimits(max_members=100, max_total_bytes=64 * MiB, max_ratio=50.0)

@@ -24,7 +24,7 @@ from swav_client import (
     ServerUnreachable,
     SwavClient,
 )
-from swav_client.client import parse_retry_after
+from swav_client.session import parse_retry_after
 from swav_client.sse import parse_sse
 from swav_client.upload import scan_folder, tar_length, tar_pieces, upload_body
 from swav_core.synthetic import write_shapes_dataset

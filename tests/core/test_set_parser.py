@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from swav_client import SwavClient
 from swav_client import cli as client_cli
+from swav_client.commands.options import Options
 from swav_core.config import parse_settings
 from swav_core.errors import ConfigError
 
@@ -44,10 +45,10 @@ def client_request_config(pairs: list[str], monkeypatch: pytest.MonkeyPatch) -> 
                                          "config": body["config"], "reasons": {},
                                          "estimates": []})
 
-    def mock_client(options: client_cli.Options) -> SwavClient:
+    def mock_client(options: Options) -> SwavClient:
         return SwavClient(options.url, api_key="swav_test", transport=httpx.MockTransport(answer))
 
-    monkeypatch.setattr(client_cli.Options, "client", mock_client)
+    monkeypatch.setattr(Options, "client", mock_client)
     result = CliRunner().invoke(client_cli.app, ["--json", "jobs", "submit", "--dataset",
                                                  "ds_0000000000000000", "--preset", "cpu-tiny",
                                                  "--dry-run", *set_args(pairs)])
