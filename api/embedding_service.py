@@ -43,6 +43,7 @@ from api.batcher import Batcher, Overloaded, Stats
 from api.errors import ApiError
 from api.image_inputs import decode_images
 from api.lookups import stored_path
+from api.schemas import Layer
 from swav_core.errors import CheckpointError
 from swav_service.models import Checkpoint, Job
 from swav_service.settings import Settings, get_settings
@@ -53,8 +54,6 @@ if TYPE_CHECKING:
     from swav_core.model import SwAVModel
 
 log = logging.getLogger(__name__)
-
-Layer = Literal["backbone", "projection"]
 
 RETRY_AFTER_S = 1
 INLINE_RENDER_VALUES = 4096  # smaller answers are rendered on the event loop

@@ -19,9 +19,10 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from api.body_limits import BODY_OVERHEAD, capped_stream, read_capped
 from api.deps import SettingsDep, TenantDep
-from api.embedding_service import EncodingFormat, Layer, get_service
+from api.embedding_service import EncodingFormat, get_service
 from api.errors import ApiError, validation_error
 from api.limits import limit_rate
+from api.schemas import Layer
 from swav_service.settings import Settings
 
 router = APIRouter(tags=["embeddings"])
