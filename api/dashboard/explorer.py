@@ -38,10 +38,11 @@ from api.dashboard.thumbnails import (
     thumbnail_url,
 )
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.embedding_service import ResolvedModel, get_service
+from api.embedding_service import get_service
 from api.errors import ApiError, not_found
 from api.limits import limit_rate
 from api.lookups import find_dataset, find_job
+from api.model_resolution import ResolvedModel
 from api.openapi import BINARY, form_body
 from api.responses import BROKER_UNAVAILABLE, RATE_LIMITED, STORAGE_LIMIT, Responses
 

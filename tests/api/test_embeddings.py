@@ -439,7 +439,7 @@ def test_batcher_groups_requests_without_splitting_them() -> None:
     request alone is larger, rows back to their own request, errors to every request."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from api.embedding_service import Batcher, Overloaded, Stats
+    from api.batcher import Batcher, Overloaded, Stats
 
     calls: list[int] = []
 
