@@ -9,7 +9,8 @@ images (Pillow, allow-listed formats, byte and pixel caps) and preprocess them a
 checkpoint's `size_crops[0]`, in slices on several pool threads -> hand them to the
 model's `Batcher` for the layer -> render the JSON answer.
 
-The decoding is api/image_inputs.py; the micro-batching of concurrent requests for one
+Resolving `model` is api/model_resolution.py, the model cache api/model_cache.py, the
+decoding api/image_inputs.py; the micro-batching of concurrent requests for one
 (model, layer) is api/batcher.py. The forward is `swav_core.embed.embed` itself
 (unnormalised); normalising each request's rows afterwards is the same row-wise operation.
 
@@ -24,27 +25,23 @@ import asyncio
 import base64
 import itertools
 import json
-import logging
 import os
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import Request
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.batcher import Batcher, Overloaded, Stats
 from api.errors import ApiError
 from api.image_inputs import decode_images
-from api.lookups import stored_path
+from api.model_cache import LoadedModel, ModelCache, load_entry
+from api.model_resolution import ResolvedModel, model_gone, resolve_model
+from api.schemas import Layer
 from swav_core.errors import CheckpointError
-from swav_service.models import Checkpoint, Job
 from swav_service.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -52,101 +49,8 @@ if TYPE_CHECKING:
 
     from swav_core.model import SwAVModel
 
-log = logging.getLogger(__name__)
-
-Layer = Literal["backbone", "projection"]
-
 RETRY_AFTER_S = 1
 INLINE_RENDER_VALUES = 4096  # smaller answers are rendered on the event loop
-
-
-# --------------------------------------------------------------------------- resolution
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """The checkpoint a request's `model` names, and its file under the artifacts folder."""
-
-    checkpoint_id: str
-    path: Path
-
-
-def _gone(checkpoint_id: str) -> ApiError:
-    return ApiError(
-        410,
-        "checkpoint_gone",
-        f"checkpoint {checkpoint_id} is no longer on disk (pruned or removed); "
-        "use a newer checkpoint, or the job id for its latest one",
-        "model",
-    )
-
-
-def resolve_model(
-    session: Session, settings: Settings, tenant: str, identifier: str
-) -> ResolvedModel:
-    """A checkpoint id as is; a job id as its final checkpoint, else its highest step.
-
-    404 `model_not_found` when neither exists for the tenant, 410 `checkpoint_gone` for a
-    pruned checkpoint, 409 `model_not_ready` for a job with no checkpoint on disk yet.
-    """
-    row = session.scalar(
-        select(Checkpoint)
-        .join(Job, Job.id == Checkpoint.job_id)
-        .where(Checkpoint.id == identifier, Job.tenant == tenant)
-    )
-    if row is not None:
-        path = stored_path(settings, row) if row.available else None
-        if path is None:
-            raise _gone(identifier)
-        return ResolvedModel(row.id, path)
-    job = session.scalar(select(Job).where(Job.id == identifier, Job.tenant == tenant))
-    if job is None:
-        raise ApiError(
-            404,
-            "model_not_found",
-            f"no checkpoint or job with id {identifier!r}; pass a checkpoint id "
-            "(GET /v1/jobs/{job_id}/checkpoints) or a job id",
-            "model",
-        )
-    rows = session.scalars(
-        select(Checkpoint)
-        .where(Checkpoint.job_id == job.id, Checkpoint.available.is_(True))
-        .order_by(Checkpoint.final.desc(), Checkpoint.step.desc(), Checkpoint.created_at.desc())
-    )
-    for candidate in rows:
-        path = stored_path(settings, candidate)
-        if path is not None:
-            return ResolvedModel(candidate.id, path)
-    raise ApiError(
-        409,
-        "model_not_ready",
-        f"job {job.id} ({job.status}) has no checkpoint available yet; retry once it has "
-        "written one (see GET /v1/jobs/{job_id}/checkpoints)",
-        "model",
-    )
-
-
-# --------------------------------------------------------------------------- models
-
-
-@dataclass
-class LoadedModel:
-    checkpoint_id: str
-    model: SwAVModel
-    size: int  # the checkpoint's size_crops[0]: the side images are embedded at
-    nbytes: int  # parameters and buffers
-    batchers: dict[str, Batcher] = field(default_factory=dict)
-
-
-def load_entry(checkpoint_id: str, path: Path, device: str) -> LoadedModel:
-    """Load (in a worker thread) the checkpoint's model onto `device`, in eval mode."""
-    from swav_core.checkpoint import load_model
-
-    model, config = load_model(path)
-    model = model.to(device).eval()
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    return LoadedModel(checkpoint_id, model, config.size_crops[0], nbytes)
 
 
 def forward(model: SwAVModel, layer: Layer, batches: list[list[torch.Tensor]]) -> torch.Tensor:
@@ -218,59 +122,6 @@ def prepare(
         for row, index in zip(batch, indices, strict=True):
             rows[index] = row
     return torch.stack(rows)
-
-
-class ModelCache:
-    """Loaded models, least recently used first out, bounded by count and by bytes.
-
-    The newest model always stays, even alone over the byte bound. Concurrent requests for
-    a model being loaded share that one load.
-    """
-
-    def __init__(self, max_models: int, max_bytes: int, stats: Stats) -> None:
-        self.max_models = max(1, max_models)
-        self.max_bytes = max_bytes
-        self._stats = stats
-        self._entries: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(entry.nbytes for entry in self._entries.values())
-
-    @property
-    def queued_items(self) -> int:
-        """Images waiting for a forward pass, over every cached model and layer."""
-        return sum(b.queued for e in self._entries.values() for b in e.batchers.values())
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    async def get(self, key: str, load: Callable[[], LoadedModel]) -> LoadedModel:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            return entry
-        task = self._loading.get(key)
-        if task is None:
-            task = asyncio.create_task(self._load(key, load))
-            self._loading[key] = task
-        return await asyncio.shield(task)
-
-    async def _load(self, key: str, load: Callable[[], LoadedModel]) -> LoadedModel:
-        try:
-            entry = await run_in_threadpool(load)
-        finally:
-            self._loading.pop(key, None)
-        self._stats.loads += 1
-        self._entries[key] = entry
-        while len(self._entries) > 1 and (
-            len(self._entries) > self.max_models or self.nbytes > self.max_bytes
-        ):
-            evicted, _ = self._entries.popitem(last=False)
-            self._stats.evictions += 1
-            log.info("evicted model %s from the embedding cache", evicted)
-        return entry
 
 
 class EmbeddingService:
@@ -380,7 +231,7 @@ class EmbeddingService:
             )
         except CheckpointError as exc:
             if not resolved.path.is_file():  # pruned since it was resolved
-                raise _gone(resolved.checkpoint_id) from exc
+                raise model_gone(resolved.checkpoint_id) from exc
             raise ApiError(
                 500,
                 "checkpoint_failed",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -63,20 +63,14 @@ class ApiError(Exception):
         self.param = param
         self.headers = headers
 
+    def response(self) -> JSONResponse:
+        """The envelope `{"error": {"code", "message", "param"}}` with the status and headers."""
+        body = {"error": {"code": self.code, "message": self.message, "param": self.param}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
 
 def not_found(kind: str, param: str, identifier: str) -> ApiError:
     return ApiError(404, "not_found", f"no {kind} with id {identifier!r}", param)
-
-
-def error_response(
-    status: int,
-    code: str,
-    message: str,
-    param: str | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> JSONResponse:
-    body = {"error": {"code": code, "message": message, "param": param}}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def field_path(loc: Sequence[Any]) -> str | None:
@@ -119,7 +113,7 @@ def validation_error(
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
+    return exc.response()
 
 
 def _is_config_error(error: dict[str, Any]) -> bool:
@@ -134,8 +128,7 @@ async def _request_validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     code = "invalid_config" if errors and _is_config_error(errors[0]) else "invalid_request"
-    error = validation_error(errors, code=code)
-    return error_response(error.status, error.code, error.message, error.param)
+    return validation_error(errors, code=code).response()
 
 
 def allowed_methods(request: Request) -> str:
@@ -163,7 +156,7 @@ async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
         headers["Allow"] = allowed_methods(request) or headers.get("Allow", "")
     else:
         message = str(exc.detail)
-    return error_response(exc.status_code, code, message, headers=headers or None)
+    return ApiError(exc.status_code, code, message, headers=headers or None).response()
 
 
 async def _swav_error(request: Request, exc: Exception) -> JSONResponse:
@@ -171,7 +164,7 @@ async def _swav_error(request: Request, exc: Exception) -> JSONResponse:
     status = next((s for t, s in SWAV_ERROR_STATUS.items() if isinstance(exc, t)), 500)
     if status >= 500:
         log.error("engine error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(status, exc.code, str(exc))
+    return ApiError(status, exc.code, str(exc)).response()
 
 
 async def _database_data_error(request: Request, exc: Exception) -> JSONResponse:
@@ -180,17 +173,19 @@ async def _database_data_error(request: Request, exc: Exception) -> JSONResponse
     stores such values."""
     log.warning("database refused a value on %s %s: %s", request.method, request.url.path,
                 str(exc).splitlines()[0][:300])
-    return error_response(
+    return ApiError(
         422,
         "invalid_value",
         "a value in the request cannot be stored or looked up (a NUL character in a "
         "string, or a number out of range); remove it",
-    )
+    ).response()
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal", "internal server error; the server log has details")
+    return ApiError(
+        500, "internal", "internal server error; the server log has details"
+    ).response()
 
 
 def register_error_handlers(app: FastAPI) -> None:

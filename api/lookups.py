@@ -56,13 +56,18 @@ def ready_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:
     return dataset
 
 
-def find_checkpoint(session: Session, tenant: str, checkpoint_id: str) -> Checkpoint:
-    """A checkpoint of one of the tenant's jobs, or ApiError 404 (param checkpoint_id)."""
-    row = session.scalar(
+def tenant_checkpoint(session: Session, tenant: str, checkpoint_id: str) -> Checkpoint | None:
+    """A checkpoint of one of the tenant's jobs, or None."""
+    return session.scalar(
         select(Checkpoint)
         .join(Job, Job.id == Checkpoint.job_id)
         .where(Checkpoint.id == checkpoint_id, Job.tenant == tenant)
     )
+
+
+def find_checkpoint(session: Session, tenant: str, checkpoint_id: str) -> Checkpoint:
+    """A checkpoint of one of the tenant's jobs, or ApiError 404 (param checkpoint_id)."""
+    row = tenant_checkpoint(session, tenant, checkpoint_id)
     if row is None:
         raise not_found("checkpoint", "checkpoint_id", checkpoint_id)
     return row
@@ -92,20 +97,37 @@ def pick_checkpoint(
         if not row.available or stored_path(settings, row) is None:
             raise checkpoint_gone(checkpoint_id)
         return row
+    latest = latest_stored_checkpoint(session, settings, job)
+    if latest is None:
+        raise model_not_ready(job, "checkpoint_id")
+    return latest[0]
+
+
+def latest_stored_checkpoint(
+    session: Session, settings: Settings, job: Job
+) -> tuple[Checkpoint, Path] | None:
+    """The job's final checkpoint, else its highest step, among those whose file is
+    there (fetched from the S3 store if needed), with that file; None if there is none."""
     rows = session.scalars(
         select(Checkpoint)
         .where(Checkpoint.job_id == job.id, Checkpoint.available.is_(True))
         .order_by(Checkpoint.final.desc(), Checkpoint.step.desc(), Checkpoint.created_at.desc())
     )
-    for candidate in rows:
-        if stored_path(settings, candidate) is not None:
-            return candidate
-    raise ApiError(
+    for row in rows:
+        path = stored_path(settings, row)
+        if path is not None:
+            return row, path
+    return None
+
+
+def model_not_ready(job: Job, param: str) -> ApiError:
+    """409 `model_not_ready`: the job has written no checkpoint that is still on disk."""
+    return ApiError(
         409,
         "model_not_ready",
         f"job {job.id} ({job.status}) has no checkpoint available yet; retry once it has "
         "written one (see GET /v1/jobs/{job_id}/checkpoints)",
-        "checkpoint_id",
+        param,
     )
 
 

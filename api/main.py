@@ -9,7 +9,15 @@ from api.deps import get_tenant
 from api.errors import register_error_handlers
 from api.metrics import install_metrics
 from api.openapi import build_openapi
-from api.routes import checkpoints, datasets, embedding_jobs, embeddings, health, jobs
+from api.routes import (
+    checkpoints,
+    datasets,
+    embedding_jobs,
+    embeddings,
+    events,
+    health,
+    jobs,
+)
 from swav_service.dispatch import prepare_broker
 from swav_service.settings import get_settings
 
@@ -41,7 +49,7 @@ def create_app() -> FastAPI:
     install_dashboard(app)  # GET / and its static files: public, they hold no data
     # Authenticated at the router too, so a new /v1 route cannot forget it.
     authenticated = [Depends(get_tenant)]
-    for module in (datasets, jobs, checkpoints, embeddings, embedding_jobs, explorer):
+    for module in (datasets, jobs, events, checkpoints, embeddings, embedding_jobs, explorer):
         app.include_router(module.router, dependencies=authenticated)
     register_error_handlers(app)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]

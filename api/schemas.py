@@ -7,7 +7,7 @@ not by whatever columns a model happens to have (leases, tenants and paths stay 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -30,6 +30,7 @@ else:
     ConfigOverrides = TrainConfigOverrides
 
 QualityMetric = Literal["knn_top1", "linear_top1"]
+Layer = Literal["backbone", "projection"]  # what an embedding is read from
 
 
 class PublicModel(BaseModel):
@@ -37,6 +38,14 @@ class PublicModel(BaseModel):
     @classmethod
     def _utc_times(cls, value: Any) -> Any:
         return as_utc(value) if isinstance(value, datetime) else value
+
+    @classmethod
+    def from_attributes(cls, row: object, **computed: Any) -> Self:
+        """The model of `row`: each field is the row's attribute of the same name, except
+        those given in `computed` (renamed or derived columns). So a field added here is
+        shown as soon as the row has it, and a `from_row` lists only what differs."""
+        fields = {name: getattr(row, name) for name in cls.model_fields if name not in computed}
+        return cls(**fields, **computed)
 
 
 class ErrorDetail(BaseModel):
@@ -60,8 +69,9 @@ class ErrorInfo(BaseModel):
     message: str | None
 
     @classmethod
-    def of(cls, code: str | None, message: str | None) -> ErrorInfo | None:
-        return cls(code=code, message=message) if code else None
+    def of(cls, row: Dataset | Job | EmbeddingJob) -> ErrorInfo | None:
+        """The row's error code and message; None while it has not failed."""
+        return cls(code=row.error_code, message=row.error_message) if row.error_code else None
 
 
 # --------------------------------------------------------------------------- datasets
@@ -88,21 +98,7 @@ class DatasetPublic(PublicModel):
 
     @classmethod
     def from_row(cls, row: Dataset) -> DatasetPublic:
-        return cls(
-            id=row.id,
-            name=row.name,
-            status=row.status,
-            archive_bytes=row.archive_bytes,
-            num_images=row.num_images,
-            num_skipped=row.num_skipped,
-            skipped=row.skipped,
-            classes=row.classes,
-            fingerprint=row.fingerprint,
-            stats=row.stats,
-            error=ErrorInfo.of(row.error_code, row.error_message),
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-        )
+        return cls.from_attributes(row, error=ErrorInfo.of(row))
 
 
 class DatasetsPublic(BaseModel):
@@ -237,29 +233,13 @@ class JobPublic(PublicModel):
 
     @classmethod
     def from_row(cls, row: Job) -> JobPublic:
-        return cls(
-            id=row.id,
-            name=row.name,
-            dataset_id=row.dataset_id,
-            preset=row.preset,
-            status=row.status,
+        return cls.from_attributes(
+            row,
             progress=Progress(
                 step=row.step, total_steps=row.total_steps, epoch=row.epoch, epochs=row.epochs
             ),
-            metrics=row.metrics,
-            eta_s=row.eta_s,
-            attempt=row.attempt,
-            error=ErrorInfo.of(row.error_code, row.error_message),
-            created_at=row.created_at,
-            started_at=row.started_at,
-            finished_at=row.finished_at,
-            updated_at=row.updated_at,
-            config=row.config,
-            metadata=row.user_metadata,
-            compute_seconds=row.compute_seconds,
-            keep_best_by=row.keep_best_by,
-            max_attempts=row.max_attempts,
-            max_runtime_s=row.max_runtime_s,
+            error=ErrorInfo.of(row),
+            metadata=row.user_metadata,  # `metadata` on a row is SQLAlchemy's table registry
             resources=JobResources(gpus=row.gpus, nodes=row.nodes),
         )
 
@@ -280,7 +260,7 @@ class EventPublic(PublicModel):
 
     @classmethod
     def from_row(cls, row: JobEvent) -> EventPublic:
-        return cls(seq=row.seq, type=row.type, data=row.data, created_at=row.created_at)
+        return cls.from_attributes(row)
 
 
 class EventsPublic(BaseModel):
@@ -313,20 +293,7 @@ class CheckpointPublic(PublicModel):
 
     @classmethod
     def from_row(cls, row: Checkpoint) -> CheckpointPublic:
-        return cls(
-            id=row.id,
-            job_id=row.job_id,
-            step=row.step,
-            epoch=row.epoch,
-            final=row.final,
-            available=row.available,
-            size_bytes=row.size_bytes,
-            sha256=row.sha256,
-            metrics=row.metrics,
-            quality=row.quality,
-            best=row.best,
-            created_at=row.created_at,
-        )
+        return cls.from_attributes(row)
 
 
 class CheckpointsPublic(BaseModel):
@@ -349,7 +316,7 @@ class EmbeddingJobCreate(BaseModel):
         description="A checkpoint of this job; default: its latest available one (final "
         "preferred, else the highest step).",
     )
-    layer: Literal["backbone", "projection"] = Field(
+    layer: Layer = Field(
         "backbone", description="backbone: pooled features; projection: the head's output z."
     )
     normalize: bool = Field(True, description="L2-normalise each row.")
@@ -371,20 +338,7 @@ class EmbeddingJobPublic(PublicModel):
 
     @classmethod
     def from_row(cls, row: EmbeddingJob) -> EmbeddingJobPublic:
-        return cls(
-            id=row.id,
-            job_id=row.job_id,
-            checkpoint_id=row.checkpoint_id,
-            dataset_id=row.dataset_id,
-            layer=row.layer,
-            normalize=row.normalize,
-            status=row.status,
-            num_rows=row.num_rows,
-            error=ErrorInfo.of(row.error_code, row.error_message),
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-            finished_at=row.finished_at,
-        )
+        return cls.from_attributes(row, error=ErrorInfo.of(row))
 
 
 # --------------------------------------------------------------------------- health

@@ -7,7 +7,8 @@ worker, never in the API. The first request for a checkpoint without one queues 
 embedding job and answers 202 `indexing` (`GET .../map`) or 409 `index_not_ready`
 (`POST .../neighbours`); later requests reuse it, and each API process keeps the few most
 recent indexes in memory (`api.dashboard.index`), so a request costs one matrix-vector
-product, not a pass over the dataset.
+product, not a pass over the dataset. Finding or queueing the index is
+`api.dashboard.index_location`; thumbnails are drawn by `api.dashboard.thumbnails`.
 
 A dropped image is embedded by the `POST /v1/embeddings` service (its model cache,
 micro-batching, decoding limits, and the worker's preprocessing), so a dataset image
@@ -19,46 +20,40 @@ key's tenant: another tenant's job is 404.
 from __future__ import annotations
 
 import base64
-import io
 import json
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import quote
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
-from PIL import Image, ImageOps
 from pydantic import BaseModel, Field
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 
-from api.batch_embedding import queue_embedding_job
-from api.body_limits import BODY_OVERHEAD, capped_stream, read_capped
-from api.dashboard.index import ExplorerIndex, IndexCache, load_index
+from api.body_limits import single_image_part
+from api.dashboard.index_location import INDEX_LAYER, index_cache, locate_index, read_index
+from api.dashboard.thumbnails import (
+    THUMBNAIL_SIDE,
+    dataset_image_path,
+    render_thumbnail,
+    thumbnail_url,
+)
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.embedding_service import Layer, ResolvedModel, get_service
+from api.embedding_service import get_service
 from api.errors import ApiError, not_found
 from api.limits import limit_rate
-from api.lookups import find_dataset, find_job, pick_checkpoint, ready_dataset, stored_path
-from api.schemas import EmbeddingJobCreate
-from swav_core.images import ALLOWED_FORMATS
-from swav_service.db import get_sessionmaker
-from swav_service.layout import EMBEDDINGS_FILE, INDEX_FILE, dataset_images_dir
-from swav_service.models import EmbeddingJob
-from swav_service.settings import Settings
+from api.lookups import find_dataset, find_job
+from api.model_resolution import ResolvedModel
+from api.openapi import BINARY, form_body
+from api.responses import BROKER_UNAVAILABLE, RATE_LIMITED, STORAGE_LIMIT, Responses
 
 router = APIRouter(tags=["explorer"])
 
-INDEX_LAYER: Layer = "backbone"  # what kNN evaluation uses; unit rows make cosine a dot product
 MAP_POINTS = 2000
 MAX_MAP_POINTS = 20_000
-THUMBNAIL_SIDE = 160
 RETRY_AFTER_S = 2
+INDEX_GONE: Responses = {
+    410: {"description": "The checkpoint was pruned, or the index files removed."}
+}
 
 CheckpointQuery = Annotated[
     str | None,
@@ -103,142 +98,7 @@ class NeighboursPublic(BaseModel):
     data: list[Neighbour] = Field(description="Most similar first.")
 
 
-NEIGHBOURS_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {"file": {"type": "string", "format": "binary"}},
-                }
-            }
-        },
-    }
-}
-
-
-# --------------------------------------------------------------------------- the index
-
-
-def index_cache(request: Request) -> IndexCache:
-    cache: IndexCache | None = getattr(request.app.state, "explorer_indexes", None)
-    if cache is None:
-        cache = IndexCache()
-        request.app.state.explorer_indexes = cache
-    return cache
-
-
-def _files_present(settings: Settings, row: EmbeddingJob) -> Path | None:
-    """The embedding job's folder under the artifacts folder, when both files are there."""
-    if row.path is None:
-        return None
-    root = settings.artifacts
-    folder = (root / row.path).resolve()
-    if not folder.is_relative_to(root):
-        return None
-    if (folder / EMBEDDINGS_FILE).is_file() and (folder / INDEX_FILE).is_file():
-        return folder
-    return None
-
-
-@dataclass(frozen=True)
-class Located:
-    """A request's index: its checkpoint and embedding job, and the files once ready."""
-
-    job_id: str
-    labelled: bool  # the dataset has class folders: labels are the first path component
-    checkpoint_id: str
-    embedding_job_id: str
-    folder: Path | None  # None while the embedding job is queued or running
-    model_path: Path | None  # the checkpoint file, None if it left the disk meanwhile
-
-
-def locate_index(
-    session: Session, settings: Settings, tenant: str, job_id: str, checkpoint_id: str | None
-) -> Located:
-    """The index of the job's dataset for the checkpoint, queued now if there is none.
-
-    The newest matching embedding job whose files are on disk wins; else a queued or
-    running one (folder None: indexing); else, when the newest one failed, 409
-    `index_failed` with its reason (a new `POST /v1/jobs/{id}/embeddings` retries it, and
-    is picked up here); else (none, or their files removed) a new embedding job.
-    """
-    job = find_job(session, tenant, job_id)
-    checkpoint = pick_checkpoint(session, settings, job, checkpoint_id)
-    dataset = ready_dataset(session, tenant, job.dataset_id)
-    rows = session.scalars(
-        select(EmbeddingJob)
-        .where(
-            EmbeddingJob.tenant == tenant,
-            EmbeddingJob.checkpoint_id == checkpoint.id,
-            EmbeddingJob.dataset_id == dataset.id,
-            EmbeddingJob.layer == INDEX_LAYER,
-            EmbeddingJob.normalize.is_(True),
-        )
-        .order_by(EmbeddingJob.created_at.desc(), EmbeddingJob.id.desc())
-    ).all()
-    model_path = stored_path(settings, checkpoint)
-
-    def located(embedding_job_id: str, folder: Path | None) -> Located:
-        labelled = bool(dataset.classes)
-        return Located(job.id, labelled, checkpoint.id, embedding_job_id, folder, model_path)
-
-    for row in rows:
-        folder = _files_present(settings, row) if row.status == "succeeded" else None
-        if folder is not None:
-            return located(row.id, folder)
-    for row in rows:
-        if row.status in ("queued", "running"):
-            return located(row.id, None)
-    if rows and rows[0].status == "failed":
-        raise ApiError(
-            409,
-            "index_failed",
-            f"embedding job {rows[0].id}, the index of checkpoint {checkpoint.id}, failed: "
-            f"{rows[0].error_message or rows[0].error_code}; POST /v1/jobs/{job.id}/embeddings "
-            f'with {{"checkpoint_id": "{checkpoint.id}"}} to try again',
-            "checkpoint_id",
-        )
-    created = queue_embedding_job(
-        session,
-        settings,
-        tenant,
-        job.id,
-        EmbeddingJobCreate(checkpoint_id=checkpoint.id, layer=INDEX_LAYER, normalize=True),
-    )
-    return located(created.id, None)
-
-
-def _locate(settings: Settings, tenant: str, job_id: str, checkpoint_id: str | None) -> Located:
-    with get_sessionmaker()() as session:  # short: not held while embedding
-        return locate_index(session, settings, tenant, job_id, checkpoint_id)
-
-
-def read_index(cache: IndexCache, located: Located) -> ExplorerIndex:
-    """The located index from the cache, loaded now if needed (call in a worker thread)."""
-    folder = located.folder
-    assert folder is not None
-    try:
-        return cache.get(
-            located.embedding_job_id,
-            lambda: load_index(
-                located.embedding_job_id, located.checkpoint_id, folder, located.labelled
-            ),
-        )
-    except (OSError, ValueError) as exc:
-        raise ApiError(
-            410,
-            "index_gone",
-            f"the files of embedding job {located.embedding_job_id} were removed or are "
-            "unreadable; retry to index the dataset again",
-            "checkpoint_id",
-        ) from exc
-
-
-def thumbnail_url(job_id: str, path: str) -> str:
-    return f"/v1/jobs/{job_id}/images/{quote(path, safe='/')}"
+NEIGHBOURS_BODY = form_body({"file": BINARY}, ["file"])
 
 
 # --------------------------------------------------------------------------- routes
@@ -249,11 +109,11 @@ def thumbnail_url(job_id: str, path: str) -> str:
     response_model=DatasetMap,
     responses={
         202: {"model": DatasetMap, "description": "The index is being computed (`indexing`)."},
-        403: {"description": "Over the tenant's stored-bytes limit (`storage_limit_exceeded`)."},
+        **STORAGE_LIMIT,
         409: {"description": "No checkpoint yet (`model_not_ready`), the dataset is not ready "
               "(`dataset_not_ready`), or its indexing failed (`index_failed`)."},
-        410: {"description": "The checkpoint was pruned, or the index files removed."},
-        503: {"description": "The task broker is unreachable (`broker_unavailable`)."},
+        **INDEX_GONE,
+        **BROKER_UNAVAILABLE,
     },
 )
 async def dataset_map(
@@ -269,7 +129,7 @@ async def dataset_map(
     """Every image of the job's dataset on the 2-D PCA of its embeddings (the backbone
     features of the checkpoint). The first call for a checkpoint queues the dataset's
     embedding job and answers 202 with no points; poll until `status` is `ready`."""
-    located = await run_in_threadpool(_locate, settings, tenant, job_id, checkpoint_id)
+    located = await run_in_threadpool(locate_index, settings, tenant, job_id, checkpoint_id)
     if located.folder is None:
         body = DatasetMap(
             status="indexing", job_id=located.job_id, checkpoint_id=located.checkpoint_id,
@@ -294,46 +154,20 @@ async def dataset_map(
     )
 
 
-async def read_image_part(request: Request, settings: Settings) -> bytes:
-    """The bytes of the multipart body's one `file` part (413 over the image byte cap)."""
-    mime = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if mime != "multipart/form-data":
-        raise ApiError(
-            415, "unsupported_media_type", "send multipart/form-data with the image as `file`"
-        )
-    limit = settings.max_image_bytes
-    parser = MultiPartParser(
-        request.headers, capped_stream(request, limit + BODY_OVERHEAD), max_files=1, max_fields=0
-    )
-    try:
-        form = await parser.parse()
-    except MultiPartException as exc:
-        raise ApiError(
-            400, "invalid_multipart", f"the multipart body is malformed: {exc.message}"
-        ) from None
-    try:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise ApiError(422, "invalid_request", "file: one image file part is required", "file")
-        return await read_capped(upload, limit, "file")
-    finally:
-        await form.close()
-
-
 @router.post(
     "/v1/jobs/{job_id}/neighbours",
     response_model=NeighboursPublic,
     openapi_extra=NEIGHBOURS_BODY,
     responses={
         400: {"description": "The image does not decode or is not an allowed format."},
-        403: {"description": "Over the tenant's stored-bytes limit (`storage_limit_exceeded`)."},
+        **STORAGE_LIMIT,
         409: {"description": "The index is being computed (`index_not_ready`, see "
               "Retry-After), no checkpoint yet (`model_not_ready`), the dataset is not ready, "
               "or its indexing failed (`index_failed`)."},
-        410: {"description": "The checkpoint was pruned, or the index files removed."},
+        **INDEX_GONE,
         413: {"description": "The image is too large (bytes or pixels)."},
         415: {"description": "Not multipart/form-data."},
-        429: {"description": "Over the tenant's request rate (`rate_limited`); see Retry-After."},
+        **RATE_LIMITED,
         503: {"description": "The model's queue is full, or the broker is unreachable."},
     },
     dependencies=[Depends(limit_rate)],
@@ -348,7 +182,7 @@ async def find_neighbours(
 ) -> NeighboursPublic:
     """The k images of the job's dataset most similar to the uploaded one (`file`), by
     cosine similarity of the checkpoint's backbone features, with thumbnail URLs."""
-    located = await run_in_threadpool(_locate, settings, tenant, job_id, checkpoint_id)
+    located = await run_in_threadpool(locate_index, settings, tenant, job_id, checkpoint_id)
     if located.folder is None:
         raise ApiError(
             409,
@@ -363,7 +197,7 @@ async def find_neighbours(
             410, "checkpoint_gone",
             f"checkpoint {located.checkpoint_id} is no longer on disk", "checkpoint_id",
         )
-    data = await read_image_part(request, settings)
+    data = await single_image_part(request, settings)
     index = await run_in_threadpool(read_index, index_cache(request), located)
     body = await get_service(request).embed(
         ResolvedModel(located.checkpoint_id, located.model_path),
@@ -394,47 +228,6 @@ async def find_neighbours(
             for row, score in index.nearest(query, k)
         ],
     )
-
-
-def dataset_image_path(settings: Settings, dataset_id: str, path: str) -> Path | None:
-    """`path` under the dataset's images folder, or None when it is not a file in it.
-
-    Resolved first (`..`, absolute paths and links all end elsewhere), then required to be
-    inside the folder: nothing outside it is ever opened.
-    """
-    root = dataset_images_dir(settings, dataset_id).resolve()
-    try:
-        target = (root / path).resolve()
-    except (OSError, ValueError):  # a NUL byte, a loop of links
-        return None
-    if target == root or not target.is_relative_to(root) or not target.is_file():
-        return None
-    return target
-
-
-def render_thumbnail(file: Path, side: int, max_pixels: int) -> bytes | None:
-    """A PNG of the image, at most `side` px on its longer side; None unless the file is
-    an allowed image within `max_pixels` (files skipped at ingestion stay in the folder).
-
-    Read from the file, not into memory first: the header is checked before any pixel is
-    decoded, and JPEGs are decoded at a reduced scale (`draft`).
-    """
-    try:
-        with Image.open(file) as image:
-            width, height = image.size
-            if image.format not in ALLOWED_FORMATS or width * height > max_pixels:
-                return None
-            image.draft("RGB", (side, side))
-            frame = ImageOps.exif_transpose(image)
-            frame.thumbnail((side, side))
-            if frame.mode not in ("RGB", "RGBA", "L", "LA"):
-                frame = frame.convert("RGB")
-            buffer = io.BytesIO()
-            frame.save(buffer, format="PNG")
-            return buffer.getvalue()
-    # Truncated or malformed files fail with many exception types; all mean "not shown".
-    except Exception:
-        return None
 
 
 @router.get(

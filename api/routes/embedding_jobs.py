@@ -33,6 +33,7 @@ from api.lookups import (
     ready_dataset,
     stored_path,
 )
+from api.responses import BROKER_UNAVAILABLE, CHECKPOINT_GONE, STORAGE_LIMIT
 from api.schemas import CheckpointPublic, EmbeddingJobCreate, EmbeddingJobPublic
 from swav_service.dispatch import enqueue_evaluation
 from swav_service.layout import EMBEDDINGS_FILE, INDEX_FILE
@@ -46,12 +47,12 @@ router = APIRouter(tags=["embedding jobs"])
     status_code=202,
     response_model=EmbeddingJobPublic,
     responses={
-        403: {"description": "Over the tenant's stored-bytes limit (`storage_limit_exceeded`)."},
+        **STORAGE_LIMIT,
         404: {"description": "No such job, checkpoint (of this job) or dataset."},
         409: {"description": "No checkpoint yet (`model_not_ready`), or the dataset is not "
               "ready (`dataset_not_ready`)."},
-        410: {"description": "The checkpoint was pruned (`checkpoint_gone`)."},
-        503: {"description": "The task broker is unreachable (`broker_unavailable`)."},
+        **CHECKPOINT_GONE,
+        **BROKER_UNAVAILABLE,
     },
 )
 def create_embedding_job(
@@ -122,7 +123,7 @@ def download_embeddings(
     response_model=CheckpointPublic,
     responses={
         409: {"description": "The job's dataset has no classes (`dataset_unlabelled`)."},
-        410: {"description": "The checkpoint was pruned (`checkpoint_gone`)."},
+        **CHECKPOINT_GONE,
     },
 )
 def evaluate_checkpoint(

@@ -15,13 +15,15 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 
-from api.body_limits import BODY_OVERHEAD, capped_stream, read_capped
+from api.body_limits import BODY_OVERHEAD, capped_stream, parsed_form, read_capped
 from api.deps import SettingsDep, TenantDep
-from api.embedding_service import EncodingFormat, Layer, get_service
+from api.embedding_service import EncodingFormat, get_service
 from api.errors import ApiError, validation_error
 from api.limits import limit_rate
+from api.openapi import BINARY, form_body
+from api.responses import CHECKPOINT_GONE, RATE_LIMITED
+from api.schemas import Layer
 from swav_service.settings import Settings
 
 router = APIRouter(tags=["embeddings"])
@@ -89,30 +91,17 @@ class EmbeddingStats(BaseModel):
     device: str | None
 
 
-_IMAGE = {"type": "string", "format": "binary"}
-EMBEDDINGS_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": EmbeddingRequest.model_json_schema()},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["model", "files"],
-                    "properties": {
-                        "model": {"type": "string"},
-                        "files": {"type": "array", "items": _IMAGE},
-                        "layer": {"type": "string", "enum": ["backbone", "projection"]},
-                        "normalize": {"type": "boolean", "default": True},
-                        "encoding_format": {
-                            "type": "string", "enum": ["float", "base64"], "default": "float"
-                        },
-                    },
-                }
-            },
-        },
-    }
-}
+EMBEDDINGS_BODY = form_body(
+    {
+        "model": {"type": "string"},
+        "files": {"type": "array", "items": BINARY},
+        "layer": {"type": "string", "enum": ["backbone", "projection"]},
+        "normalize": {"type": "boolean", "default": True},
+        "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float"},
+    },
+    ["model", "files"],
+    json_schema=EmbeddingRequest.model_json_schema(),
+)
 
 
 def body_cap(settings: Settings, base64: bool) -> int:
@@ -145,18 +134,8 @@ async def read_json(request: Request, settings: Settings) -> tuple[MultipartFiel
 async def read_multipart(
     request: Request, settings: Settings
 ) -> tuple[MultipartFields, list[bytes]]:
-    parser = MultiPartParser(
-        request.headers,
-        capped_stream(request, body_cap(settings, False)),
-        max_files=10_000,  # the body cap bounds them; the count is checked below
-        max_fields=20,
-    )
-    try:
-        form = await parser.parse()
-    except MultiPartException as exc:
-        raise ApiError(
-            400, "invalid_multipart", f"the multipart body is malformed: {exc.message}"
-        ) from None
+    # max_files: the body cap bounds them; the count is checked below
+    form = await parsed_form(request, body_cap(settings, False), max_files=10_000, max_fields=20)
     try:
         values: dict[str, Any] = {}
         files: list[UploadFile] = []
@@ -198,10 +177,10 @@ async def read_multipart(
         400: {"description": "An image does not decode or is not an allowed format."},
         404: {"description": "No checkpoint or job with that id (`model_not_found`)."},
         409: {"description": "The job has no checkpoint yet (`model_not_ready`)."},
-        410: {"description": "The checkpoint was pruned (`checkpoint_gone`)."},
+        **CHECKPOINT_GONE,
         413: {"description": "Too many images, or one too large (bytes or pixels)."},
         415: {"description": "Neither JSON nor multipart/form-data."},
-        429: {"description": "Over the tenant's request rate (`rate_limited`); see Retry-After."},
+        **RATE_LIMITED,
         503: {"description": "The model's queue is full (`overloaded`); see Retry-After."},
     },
     dependencies=[Depends(limit_rate)],

@@ -1,53 +1,50 @@
-"""Jobs: create (idempotent), list, read, cancel, resume, and the event log (JSON or SSE).
+"""Jobs: create (idempotent), list, read, cancel and resume.
 
 A job's state lives in the database; the broker message only says "look at job X", and
 is sent after the commit so a worker never looks before the row exists. The worker moves
 a job queued -> running -> succeeded/failed/cancelled; the API moves it queued ->
 cancelled, running -> cancelling, and (resume, the one exception to "terminal states
-never change") cancelled/failed -> queued.
+never change") cancelled/failed -> queued. Its event log is `api.routes.events`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
-import time
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
-from sqlalchemy import delete, select, update
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError
+from api.idempotency import (
+    IdempotencyKey,
+    forget_answer,
+    previous_answer,
+    remember_answer,
+    request_hash,
+)
 from api.limits import check_active_jobs, lock_tenant, storage_left
 from api.lookups import find_dataset, find_job
-from api.pagination import DEFAULT_LIMIT, MAX_LIMIT, CursorQuery, LimitQuery, paginate
+from api.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
 from api.planning import Plan, estimates, plan_job
+from api.responses import ACTIVE_JOBS_LIMIT, STORAGE_LIMIT, Responses
 from api.schemas import (
     CostEstimatePublic,
-    EventPublic,
-    EventsPublic,
     JobCreate,
     JobPlanPublic,
     JobPublic,
     JobsPublic,
 )
-from swav_service.db import get_sessionmaker
 from swav_service.dispatch import enqueue_job
 from swav_service.job_state import append_event, change_status
 from swav_service.models import (
     JOB_STATUSES,
-    MAX_INTEGER,
     TERMINAL_JOB_STATUSES,
-    IdempotencyRecord,
     Job,
-    JobEvent,
     new_id,
     utcnow,
 )
@@ -55,34 +52,10 @@ from swav_service.models import (
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 MAX_METADATA_BYTES = 16 * 1024
-KEEPALIVE_S = 15.0  # proxies commonly drop connections idle for 30-60 s
-SSE_BATCH = 500
 RESUMABLE = ("cancelled", "failed")
-
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        max_length=200,
-        description="Retries with the same key and body replay the first answer.",
-    ),
-]
-
-
-def request_hash(payload: JobCreate) -> str:
-    canonical = json.dumps(payload.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _replay(record: IdempotencyRecord, digest: str) -> JSONResponse:
-    if record.request_hash != digest:
-        raise ApiError(
-            409,
-            "idempotency_conflict",
-            "this Idempotency-Key was used with a different request body; use a new key",
-            "Idempotency-Key",
-        )
-    return JSONResponse(record.response, status_code=record.status_code)
+DRY_RUN_PLAN: Responses = {
+    200: {"model": JobPlanPublic, "description": "`dry_run`: the plan; nothing queued."}
+}
 
 
 def _enqueue_or_fail(session: Session, job_id: str) -> None:
@@ -114,12 +87,12 @@ def _enqueue_or_fail(session: Session, job_id: str) -> None:
     status_code=201,
     response_model=JobPublic,
     responses={
-        200: {"model": JobPlanPublic, "description": "`dry_run`: the plan; nothing queued."},
-        403: {"description": "Over the tenant's stored-bytes limit (`storage_limit_exceeded`)."},
+        **DRY_RUN_PLAN,
+        **STORAGE_LIMIT,
         404: {"description": "No such dataset."},
         409: {"description": "`dataset_not_ready`, or `idempotency_conflict`."},
         422: {"description": "`invalid_config` (param names the field) or `invalid_request`."},
-        429: {"description": "The tenant has its limit of active jobs (`too_many_active_jobs`)."},
+        **ACTIVE_JOBS_LIMIT,
     },
 )
 def create_job(
@@ -135,10 +108,9 @@ def create_job(
         answer = plan_only(payload, session, settings, tenant)
         return JSONResponse(answer.model_dump(mode="json"), status_code=200)
     digest = request_hash(payload)
-    if idempotency_key is not None:
-        record = session.get(IdempotencyRecord, (tenant, idempotency_key))
-        if record is not None:
-            return _replay(record, digest)
+    replayed = previous_answer(session, tenant, idempotency_key, digest)
+    if replayed is not None:
+        return replayed
 
     dataset = find_dataset(session, tenant, payload.dataset_id)
     plan = plan_job(session, settings, dataset, payload.preset, payload.overrides(),
@@ -213,35 +185,21 @@ def create_job(
     session.flush()
     body = JobPublic.from_row(job).model_dump(mode="json")
     if idempotency_key is not None:
-        session.add(
-            IdempotencyRecord(
-                tenant=tenant,
-                key=idempotency_key,
-                request_hash=digest,
-                status_code=201,
-                response=body,
-            )
-        )
+        remember_answer(session, tenant, idempotency_key, digest, 201, body)
     try:
         session.commit()
     except IntegrityError:
         # A concurrent request with the same key committed first: answer as it did.
         session.rollback()
-        if idempotency_key is None:
+        replayed = previous_answer(session, tenant, idempotency_key, digest)
+        if replayed is None:
             raise
-        record = session.get(IdempotencyRecord, (tenant, idempotency_key))
-        if record is None:
-            raise
-        return _replay(record, digest)
+        return replayed
     try:
         _enqueue_or_fail(session, job.id)
     except ApiError:
         if idempotency_key is not None:  # let a retry with the same key create a new job
-            session.execute(
-                delete(IdempotencyRecord).where(
-                    IdempotencyRecord.tenant == tenant, IdempotencyRecord.key == idempotency_key
-                )
-            )
+            forget_answer(session, tenant, idempotency_key)
             session.commit()
         raise
     return JSONResponse(body, status_code=201)
@@ -357,10 +315,10 @@ def ensure_dataset_usable(session: Session, tenant: str, dataset_id: str) -> Non
     status_code=202,
     response_model=JobPublic,
     responses={
-        200: {"model": JobPlanPublic, "description": "`dry_run`: the plan; nothing queued."},
-        403: {"description": "Over the tenant's stored-bytes limit (`storage_limit_exceeded`)."},
+        **DRY_RUN_PLAN,
+        **STORAGE_LIMIT,
         409: {"description": "`job_not_resumable`, or `dataset_not_ready`."},
-        429: {"description": "The tenant has its limit of active jobs (`too_many_active_jobs`)."},
+        **ACTIVE_JOBS_LIMIT,
     },
 )
 def resume_job(
@@ -401,92 +359,3 @@ def resume_job(
     _enqueue_or_fail(session, job_id)
     session.refresh(job)
     return JobPublic.from_row(job)
-
-
-# --------------------------------------------------------------------------- events
-
-
-def _fetch_events(job_id: str, after: int, limit: int) -> tuple[str | None, list[EventPublic]]:
-    """(job status, up to `limit` events with seq > after), in a short session of its own.
-
-    The status is read first: a terminal status is committed together with its final
-    event, so once it is seen, the events read next include everything up to it.
-    """
-    with get_sessionmaker()() as session:
-        status = session.scalar(select(Job.status).where(Job.id == job_id))
-        rows = session.scalars(
-            select(JobEvent)
-            .where(JobEvent.job_id == job_id, JobEvent.seq > after)
-            .order_by(JobEvent.seq)
-            .limit(limit)
-        ).all()
-        return status, [EventPublic.from_row(r) for r in rows]
-
-
-def sse_message(event: EventPublic) -> str:
-    return f"id: {event.seq}\nevent: {event.type}\ndata: {event.model_dump_json()}\n\n"
-
-
-async def event_stream(job_id: str, after: int, poll_s: float) -> AsyncIterator[str]:
-    """Server-sent events from seq `after` on; ends once the job is terminal and drained.
-
-    The stream ends only after a poll that saw the terminal status found no new event,
-    so events committed just after the status change still get one poll to arrive.
-    """
-    last_write = time.monotonic()
-    while True:
-        status, events = await run_in_threadpool(_fetch_events, job_id, after, SSE_BATCH)
-        for event in events:
-            yield sse_message(event)
-            after = event.seq
-        if events:
-            last_write = time.monotonic()
-            if len(events) == SSE_BATCH:
-                continue
-        elif status is None or status in TERMINAL_JOB_STATUSES:
-            return
-        if time.monotonic() - last_write >= KEEPALIVE_S:
-            yield ": keepalive\n\n"
-            last_write = time.monotonic()
-        await asyncio.sleep(poll_s)
-
-
-@router.get(
-    "/{job_id}/events",
-    response_model=EventsPublic,
-    responses={
-        200: {
-            "content": {"text/event-stream": {}},
-            "description": "JSON page, or with `Accept: text/event-stream` a live stream "
-            "(`id: <seq>`, `event: <type>`, `data: <EventPublic>`) that ends when the job "
-            "is finished.",
-        }
-    },
-)
-def list_events(
-    job_id: str,
-    request: Request,
-    session: SessionDep,
-    settings: SettingsDep,
-    tenant: TenantDep,
-    after: Annotated[
-        int, Query(ge=0, le=MAX_INTEGER, description="Only events with a larger seq.")
-    ] = 0,
-    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
-    last_event_id: Annotated[
-        int | None,
-        Header(alias="Last-Event-ID", ge=0, le=MAX_INTEGER, description="SSE reconnection."),
-    ] = None,
-) -> Response | EventsPublic:
-    """The job's events in order (seq 1, 2, ...); page with `after` = `next_cursor`."""
-    find_job(session, tenant, job_id)
-    if "text/event-stream" in request.headers.get("accept", ""):
-        start = last_event_id if last_event_id is not None else after
-        return StreamingResponse(
-            event_stream(job_id, start, settings.poll_interval_s),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-    _, events = _fetch_events(job_id, after, limit + 1)
-    next_cursor = str(events[limit - 1].seq) if len(events) > limit else None
-    return EventsPublic(data=events[:limit], next_cursor=next_cursor)

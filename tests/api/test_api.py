@@ -32,13 +32,8 @@ from swav_service.db import make_engine
 from swav_service.job_state import append_event, change_status
 from swav_service.models import Checkpoint, Dataset, Job, new_id
 from swav_service.settings import Settings
-from tests.conftest import (
-    Service,
-    create_database,
-    drop_database,
-    migrate,
-    service_env,
-)
+from tests.api.conftest import Deployment
+from tests.conftest import Service
 
 ENVELOPE_KEYS = {"code", "message", "param"}
 _ENGINES: dict[str, Engine] = {}
@@ -48,26 +43,18 @@ _ENGINES: dict[str, Engine] = {}
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """One migrated database, Redis db and running API shared by the module's tests."""
-    data_dir = tmp_path_factory.mktemp("api") / "data"
-    data_dir.mkdir()
-    url = create_database()
-    redis_db = 1 + int(secrets.token_hex(1), 16) % 14
-    redis.Redis.from_url(f"redis://127.0.0.1:6379/{redis_db}").flushdb()
-    env = service_env(data_dir, url, f"redis://127.0.0.1:6379/{redis_db}")
-    env["SWAV_POLL_INTERVAL_S"] = "0.05"
-    service = Service(env, data_dir)
-    try:
-        migrate(env)
-        service.start_api()
-        yield service
-    finally:
-        service.stop()
-        engine = _ENGINES.pop(url, None)
-        if engine is not None:
-            engine.dispose()
-        drop_database(url)
+def api_env() -> dict[str, str]:
+    return {"SWAV_POLL_INTERVAL_S": "0.05"}
+
+
+@pytest.fixture(scope="module")
+def api(deployment: Deployment) -> Iterator[Service]:
+    """The API the module's tests share (tests/api/conftest.py); `db(api)` writes to its
+    database with the deployment's engine."""
+    url = deployment.service.env["SWAV_DATABASE_URL"]
+    _ENGINES[url] = deployment.engine
+    yield deployment.service
+    _ENGINES.pop(url, None)
 
 
 @pytest.fixture

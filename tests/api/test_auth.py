@@ -23,14 +23,13 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
-from sqlalchemy import Engine, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.limits import human_bytes
-from swav_service.db import make_engine
 from swav_service.models import ApiKey, Checkpoint, Dataset, EmbeddingJob, Job, new_id
-from tests.conftest import Service, create_database, drop_database, migrate, service_env
+from tests.api.conftest import Deployment
+from tests.conftest import Service
 
 LIMITS = {
     "SWAV_TENANT_MAX_ACTIVE_JOBS": "2",
@@ -50,39 +49,9 @@ PUBLIC = {"/healthz", "/readyz", "/metrics"}  # probes and scrapes carry no key
 KEY_PATTERN = re.compile(r"swav_[A-Za-z0-9_-]{43}")
 
 
-@dataclass
-class Deployment:
-    service: Service
-    engine: Engine
-
-    @property
-    def artifacts(self) -> Path:
-        return (self.service.data_dir / "artifacts").resolve()
-
-    def new_tenant(self) -> tuple[str, httpx.Client]:
-        """A fresh tenant's name and a client sending its new key."""
-        tenant = f"t-{secrets.token_hex(4)}"
-        return tenant, self.service.client(key=self.service.create_key(tenant))
-
-
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    data_dir = tmp_path_factory.mktemp("auth") / "data"
-    data_dir.mkdir()
-    url = create_database()
-    redis_db = 1 + int(secrets.token_hex(1), 16) % 14
-    redis.Redis.from_url(f"redis://127.0.0.1:6379/{redis_db}").flushdb()
-    env = service_env(data_dir, url, f"redis://127.0.0.1:6379/{redis_db}") | LIMITS
-    service = Service(env, data_dir)
-    engine = make_engine(url)
-    try:
-        migrate(env)
-        service.start_api()
-        yield Deployment(service, engine)
-    finally:
-        service.stop()
-        engine.dispose()
-        drop_database(url)
+def api_env() -> dict[str, str]:
+    return LIMITS
 
 
 @contextmanager

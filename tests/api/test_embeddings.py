@@ -22,10 +22,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import redis
 import torch
 from PIL import Image
-from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from swav_core.checkpoint import load_model, save_checkpoint
@@ -33,9 +31,9 @@ from swav_core.config import config_from
 from swav_core.embed import embed
 from swav_core.images import load_rgb
 from swav_core.model import SwAVModel
-from swav_service.db import make_engine
 from swav_service.models import Checkpoint, Dataset, Job, new_id
-from tests.conftest import Service, create_database, drop_database, migrate, service_env
+from tests.api.conftest import Deployment
+from tests.conftest import Service
 
 ENVELOPE_KEYS = {"code", "message", "param"}
 LIMITS = {
@@ -50,11 +48,15 @@ LIMITS = {
 # --------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(scope="module")
+def api_env() -> dict[str, str]:
+    return LIMITS
+
+
 @dataclass
-class Deployment:
-    service: Service
-    engine: Engine
-    artifacts: Path
+class Seeded(Deployment):
+    """The module's deployment with real checkpoints of jobs on one ready dataset."""
+
     final_id: str = ""  # job_trained's final checkpoint
     step_id: str = ""  # job_trained's step checkpoint
     steps_job: str = ""  # a job with step checkpoints 2 and 6 only
@@ -83,7 +85,7 @@ def add_job(session: Session, dataset_id: str, status: str) -> str:
 
 
 def add_checkpoint(
-    deployment: Deployment, session: Session, job_id: str, step: int, final: bool, seed: int
+    deployment: Seeded, session: Session, job_id: str, step: int, final: bool, seed: int
 ) -> str:
     """A real cpu-tiny checkpoint with random weights and random batch-norm statistics."""
     torch.manual_seed(seed)
@@ -115,45 +117,31 @@ def add_checkpoint(
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    data_dir = tmp_path_factory.mktemp("embeddings") / "data"
-    data_dir.mkdir()
-    url = create_database()
-    redis_db = 1 + int(secrets.token_hex(1), 16) % 14
-    redis.Redis.from_url(f"redis://127.0.0.1:6379/{redis_db}").flushdb()
-    env = service_env(data_dir, url, f"redis://127.0.0.1:6379/{redis_db}") | LIMITS
-    service = Service(env, data_dir)
-    engine = make_engine(url)
-    try:
-        migrate(env)
-        d = Deployment(service, engine, (data_dir / "artifacts").resolve())
-        with Session(engine) as session:
-            ds = new_id("ds")
-            session.add(Dataset(id=ds, tenant="local", name="x", status="ready"))
-            session.flush()
-            d.job_trained = add_job(session, ds, "succeeded")
-            d.step_id = add_checkpoint(d, session, d.job_trained, 4, False, seed=1)
-            d.final_id = add_checkpoint(d, session, d.job_trained, 8, True, seed=2)
-            d.steps_job = add_job(session, ds, "running")
-            add_checkpoint(d, session, d.steps_job, 2, False, seed=3)
-            d.step6_id = add_checkpoint(d, session, d.steps_job, 6, False, seed=4)
-            d.empty_job = add_job(session, ds, "running")
-            pruned_job = add_job(session, ds, "running")
-            d.pruned_id = add_checkpoint(d, session, pruned_job, 2, False, seed=5)
-            pruned = session.get(Checkpoint, d.pruned_id)
-            assert pruned is not None
-            pruned.available = False
-            session.commit()
-        service.start_api()
-        yield d
-    finally:
-        service.stop()
-        engine.dispose()
-        drop_database(url)
+def deployment(deployment: Deployment) -> Seeded:
+    """The shared deployment (tests/api/conftest.py), seeded: this fixture overrides it."""
+    d = Seeded(deployment.service, deployment.engine)
+    with Session(d.engine) as session:
+        ds = new_id("ds")
+        session.add(Dataset(id=ds, tenant="local", name="x", status="ready"))
+        session.flush()
+        d.job_trained = add_job(session, ds, "succeeded")
+        d.step_id = add_checkpoint(d, session, d.job_trained, 4, False, seed=1)
+        d.final_id = add_checkpoint(d, session, d.job_trained, 8, True, seed=2)
+        d.steps_job = add_job(session, ds, "running")
+        add_checkpoint(d, session, d.steps_job, 2, False, seed=3)
+        d.step6_id = add_checkpoint(d, session, d.steps_job, 6, False, seed=4)
+        d.empty_job = add_job(session, ds, "running")
+        pruned_job = add_job(session, ds, "running")
+        d.pruned_id = add_checkpoint(d, session, pruned_job, 2, False, seed=5)
+        pruned = session.get(Checkpoint, d.pruned_id)
+        assert pruned is not None
+        pruned.available = False
+        session.commit()
+    return d
 
 
 @pytest.fixture
-def client(deployment: Deployment) -> Iterator[httpx.Client]:
+def client(deployment: Seeded) -> Iterator[httpx.Client]:
     with deployment.service.client() as client:
         yield client
 
@@ -190,7 +178,7 @@ def b64(data: bytes) -> str:
 
 
 def reference(
-    deployment: Deployment, checkpoint_id: str, images: list[bytes], layer: str, normalize: bool,
+    deployment: Seeded, checkpoint_id: str, images: list[bytes], layer: str, normalize: bool,
     tmp_path: Path,
 ) -> torch.Tensor:
     """`embed()` on the checkpoint's model, the images read from files with `load_rgb`."""
@@ -252,7 +240,7 @@ def post_multipart(
 
 @pytest.mark.parametrize("layer", ["backbone", "projection"])
 def test_embeddings_equal_embed(
-    deployment: Deployment, client: httpx.Client, tmp_path: Path, layer: str
+    deployment: Seeded, client: httpx.Client, tmp_path: Path, layer: str
 ) -> None:
     images = sample_images()
     for normalize in (True, False):
@@ -268,7 +256,7 @@ def test_embeddings_equal_embed(
 
 
 def test_multipart_equals_json_and_job_ids_resolve(
-    deployment: Deployment, client: httpx.Client, tmp_path: Path
+    deployment: Seeded, client: httpx.Client, tmp_path: Path
 ) -> None:
     images = sample_images(5, offset=100)
     as_json = post_json(client, deployment.step_id, images, layer="projection", normalize=False)
@@ -308,7 +296,7 @@ def test_multipart_equals_json_and_job_ids_resolve(
 
 
 def test_concurrent_requests_are_micro_batched(
-    deployment: Deployment, client: httpx.Client, tmp_path: Path
+    deployment: Seeded, client: httpx.Client, tmp_path: Path
 ) -> None:
     images = [encode(noise_image(1000 + i), "PNG") for i in range(64)]
     expected = reference(deployment, deployment.final_id, images, "backbone", True, tmp_path)
@@ -341,7 +329,7 @@ def test_concurrent_requests_are_micro_batched(
     assert after["queued_items"] == 0 and after["device"] == "cpu"
 
 
-def test_errors(deployment: Deployment, client: httpx.Client) -> None:
+def test_errors(deployment: Seeded, client: httpx.Client) -> None:
     ok = sample_images(3)
     model = deployment.final_id
     assert_error(post_json(client, "ckpt_nothing", ok), 404, "model_not_found", "model")
@@ -393,7 +381,7 @@ def test_errors(deployment: Deployment, client: httpx.Client) -> None:
     assert post_json(client, model, ok).status_code == 200  # the API is still fine
 
 
-def test_overload_and_cache_bounds(deployment: Deployment) -> None:
+def test_overload_and_cache_bounds(deployment: Seeded) -> None:
     """A second API on the same database: a 1 s batch window, 2 queued images, 1 model."""
     data_dir = deployment.service.data_dir.with_name("second")
     data_dir.mkdir()
@@ -439,7 +427,7 @@ def test_batcher_groups_requests_without_splitting_them() -> None:
     request alone is larger, rows back to their own request, errors to every request."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from api.embedding_service import Batcher, Overloaded, Stats
+    from api.batcher import Batcher, Overloaded, Stats
 
     calls: list[int] = []
 

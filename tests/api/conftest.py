@@ -1,0 +1,76 @@
+"""The API process most tests of a module share: `deployment`, on a database of its own.
+
+A module sets the API's extra environment by overriding `api_env`, and adds what it
+needs to the deployment (rows, files, a worker) in a fixture of its own that requests
+this one.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import Engine
+
+from swav_service.db import make_engine
+from tests.conftest import (
+    REDIS_URL,
+    Service,
+    create_database,
+    drop_database,
+    migrate,
+    service_env,
+)
+
+
+@dataclass
+class Deployment:
+    """A running API on a migrated PostgreSQL database and a Redis db of its own, with an
+    engine on that database for writing what a worker would."""
+
+    service: Service
+    engine: Engine
+
+    @property
+    def artifacts(self) -> Path:
+        return (self.service.data_dir / "artifacts").resolve()
+
+    def new_tenant(self) -> tuple[str, httpx.Client]:
+        """A fresh tenant's name and a client sending its new key."""
+        tenant = f"t-{secrets.token_hex(4)}"
+        return tenant, self.service.client(key=self.service.create_key(tenant))
+
+
+@pytest.fixture(scope="module")
+def api_env() -> dict[str, str]:
+    """Environment variables the module's API runs with, besides the database and broker."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    api_env: dict[str, str],
+) -> Iterator[Deployment]:
+    data_dir = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]) / "data"
+    data_dir.mkdir()
+    url = create_database()
+    redis_db = 1 + int(secrets.token_hex(1), 16) % 14
+    redis.Redis.from_url(f"{REDIS_URL}/{redis_db}").flushdb()
+    env = service_env(data_dir, url, f"{REDIS_URL}/{redis_db}") | api_env
+    service = Service(env, data_dir)
+    engine = make_engine(url)
+    try:
+        migrate(env)
+        service.start_api()
+        yield Deployment(service, engine)
+    finally:
+        service.stop()
+        engine.dispose()
+        drop_database(url)
