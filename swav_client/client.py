@@ -25,7 +25,7 @@ from swav_client.sse import parse_sse
 from swav_client.types import Checkpoint, Dataset, Embeddings, Event, Job, JobPlan, Page
 from swav_client.upload import TransferProgress, upload_body
 
-# The events stream sends a keep-alive every 15 s (api/routes/jobs.py): 60 s of silence
+# The events stream sends a keep-alive every 15 s (api/routes/events.py): 60 s of silence
 # means the connection is dead, so reconnect.
 STREAM_TIMEOUT = httpx.Timeout(10.0, read=60.0)
 EMBED_BATCH = 64  # the server's default SWAV_MAX_EMBEDDING_ITEMS
