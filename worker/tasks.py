@@ -203,8 +203,8 @@ def compute_embeddings(
     import numpy as np
     import torch
 
-    from swav_core.checkpoint import load_model
     from swav_core.embed import embed
+    from swav_core.exports import load_model
     from swav_core.images import load_rgb
 
     model, config = load_model(checkpoint)
@@ -294,8 +294,8 @@ def evaluate_checkpoint(checkpoint_id: str) -> None:
         path = settings.artifacts / checkpoint.path
         images = dataset_images_dir(settings, job.dataset_id)
         job_id, keep_best_by = job.id, job.keep_best_by
-    from swav_core.checkpoint import load_model
     from swav_core.evaluate import evaluate_model
+    from swav_core.exports import load_model
 
     try:
         store = artifact_store(settings)

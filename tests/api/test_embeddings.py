@@ -28,9 +28,10 @@ from PIL import Image
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from swav_core.checkpoint import load_model, save_checkpoint
+from swav_core.checkpoint import save_checkpoint
 from swav_core.config import config_from
 from swav_core.embed import embed
+from swav_core.exports import load_model
 from swav_core.images import load_rgb
 from swav_core.model import SwAVModel
 from swav_service.db import make_engine
