@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from swav_core.config import TrainConfig, config_from
-from swav_core.data import MultiCropDataset, ShardedEpochSampler, make_loader, scan_image_folder
+from swav_core.data import MultiCropDataset, ShardedEpochSampler, make_loader
+from swav_core.image_folder import scan_image_folder
 from swav_core.loss import swav_loss
 from swav_core.model import SwAVModel
 from swav_core.multicrop import MultiCropTransform

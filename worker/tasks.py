@@ -20,8 +20,8 @@ from typing import Any
 from sqlalchemy import select, update
 
 from swav_core.atomic import atomic_write_bytes, atomic_writer
-from swav_core.data import NoImagesError, SkippedFile, scan_image_folder
 from swav_core.errors import DataError, SwavError
+from swav_core.image_folder import NoImagesError, SkippedFile, scan_image_folder
 from swav_core.recipe import DatasetStats
 from swav_service.db import session_scope
 from swav_service.dispatch import EMBED_TASK, EVAL_TASK, INGEST_TASK, TRAIN_TASK
