@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # --------------------------------------------------------------------------- image folders
@@ -51,3 +52,19 @@ def class_dir(tmp_path: Path) -> Path:
     (root / ".cache").mkdir()
     noise(41).save(root / ".cache" / "thumb.png")
     return root
+
+
+# --------------------------------------------------------------------------- Sinkhorn oracle
+
+
+def oracle_codes(scores: torch.Tensor, epsilon: float, iterations: int = 3) -> torch.Tensor:
+    """Codes (n x K) by the paper's Sinkhorn-Knopp (eq. 3-5; appendix, Algorithm 1), in
+    float64 and without any max subtraction, so it shares no code and no trick with
+    swav_core.sinkhorn. The oracle of test_sinkhorn and of the loss tests."""
+    q = torch.exp(scores.detach().to(torch.float64).t() / epsilon)  # (K, B)
+    n_prototypes, batch = q.shape
+    q = q / q.sum()
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) / n_prototypes
+        q = q / q.sum(dim=0, keepdim=True) / batch
+    return (q * batch).t()
