@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +69,17 @@ def oracle_codes(scores: torch.Tensor, epsilon: float, iterations: int = 3) -> t
         q = q / q.sum(dim=1, keepdim=True) / n_prototypes
         q = q / q.sum(dim=0, keepdim=True) / batch
     return (q * batch).t()
+
+
+# --------------------------------------------------------------------------- registries
+
+
+def assert_unknown_name_lists_known(lookup: Callable[[str], object], known: Iterable[str]) -> None:
+    """`lookup("nope")` raises KeyError whose message quotes the name and lists every known
+    one, so a typo in a preset or backbone name tells the user what to write instead."""
+    with pytest.raises(KeyError) as excinfo:
+        lookup("nope")
+    message = excinfo.value.args[0]
+    assert "'nope'" in message
+    for name in known:
+        assert name in message
