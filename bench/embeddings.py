@@ -83,10 +83,7 @@ def setup(data_dir: Path, env: dict[str, str]) -> tuple[str, Path]:
         backbone="resnet18",
         size_crops=(96, 64),
         nmb_crops=(2, 2),
-        min_scale_crops=(0.14, 0.05),
-        max_scale_crops=(1.0, 0.14),
         n_prototypes=100,
-        feat_dim=128,
         hidden_mlp=512,
     )
     torch.manual_seed(0)

@@ -56,8 +56,6 @@ def bench_config(args: argparse.Namespace) -> TrainConfig:
         backbone="resnet18",
         nmb_crops=(2, 4),
         size_crops=(96, 64),
-        min_scale_crops=(0.14, 0.05),
-        max_scale_crops=(1.0, 0.14),
         n_prototypes=300,
         batch_size=args.batch,
         epochs=1,
