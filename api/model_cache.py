@@ -40,7 +40,7 @@ class LoadedModel:
 
 def load_entry(checkpoint_id: str, path: Path, device: str) -> LoadedModel:
     """Load (in a worker thread) the checkpoint's model onto `device`, in eval mode."""
-    from swav_core.checkpoint import load_model
+    from swav_core.exports import load_model
 
     model, config = load_model(path)
     model = model.to(device).eval()

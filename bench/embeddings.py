@@ -42,9 +42,10 @@ import torch
 from PIL import Image
 from sqlalchemy.orm import Session
 
-from swav_core.checkpoint import load_model, save_checkpoint
+from swav_core.checkpoint import save_checkpoint
 from swav_core.config import config_from
 from swav_core.embed import embed, preprocess
+from swav_core.exports import load_model
 from swav_core.model import SwAVModel
 from swav_service.db import make_engine
 from swav_service.models import Checkpoint, Dataset, Job, new_id
@@ -82,10 +83,7 @@ def setup(data_dir: Path, env: dict[str, str]) -> tuple[str, Path]:
         backbone="resnet18",
         size_crops=(96, 64),
         nmb_crops=(2, 2),
-        min_scale_crops=(0.14, 0.05),
-        max_scale_crops=(1.0, 0.14),
         n_prototypes=100,
-        feat_dim=128,
         hidden_mlp=512,
     )
     torch.manual_seed(0)

@@ -45,8 +45,8 @@ import torch.multiprocessing as mp
 from swav_core.checkpoint import load_checkpoint
 from swav_core.config import TrainConfig, config_from
 from swav_core.distributed import free_port, set_spawn_env
-from swav_core.loss import swav_loss
 from swav_core.model import SwAVModel
+from swav_core.step import swav_step
 from swav_core.synthetic import SHAPES, shape_image, write_shapes_dataset
 from swav_core.trainer import autocast_context, train
 from swav_core.training_state import build_optimizer
@@ -56,6 +56,21 @@ from swav_core.training_state import build_optimizer
 # per-rank batch norm is off by ~5e-2.
 EQUIVALENCE_ATOL = 3e-4
 NEGATIVE_CONTROL_MIN = 1e-2
+
+# What --tiny takes from the cpu-tiny preset (its model, crop scales, Sinkhorn and
+# optimiser); the paper's crop counts and the run's length stay, the crops are 48/24 px.
+_TINY_FIELDS = (
+    "backbone",
+    "hidden_mlp",
+    "feat_dim",
+    "n_prototypes",
+    "min_scale_crops",
+    "max_scale_crops",
+    "epsilon",
+    "optimizer",
+    "base_lr",
+    "final_lr",
+)
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -99,26 +114,16 @@ def paper_config(args: argparse.Namespace) -> TrainConfig:
         "log_every_steps": args.log_every,
         "seed": 0,
     }
-    if args.tiny:  # same crop counts, small everything else
-        overrides |= {
-            "backbone": "tiny_cnn",
-            "hidden_mlp": 128,
-            "feat_dim": 32,
-            "n_prototypes": 16,
-            "size_crops": (48, 24),
-            "min_scale_crops": (0.4, 0.2),
-            "max_scale_crops": (1.0, 0.5),
-            "epsilon": 0.03,
-            "optimizer": "sgd",
-            "base_lr": 0.1,
-            "final_lr": 0.001,
-        }
+    if args.tiny:
+        tiny = config_from("cpu-tiny")
+        overrides |= {key: getattr(tiny, key) for key in _TINY_FIELDS} | {"size_crops": (48, 24)}
     return config_from("imagenet-800ep", **overrides)
 
 
 def compute_bound(config: TrainConfig, device: torch.device, steps: int, skip: int) -> float:
-    """Images/s of forward, Sinkhorn + loss, backward and optimiser step on tensors already
-    on the device: the trainer's ceiling when data loading is free."""
+    """Images/s of the trainer's step (`swav_step`: forward, Sinkhorn + loss), backward and
+    optimiser step on tensors already on the device: the trainer's ceiling when data
+    loading is free."""
     torch.manual_seed(0)
     model = SwAVModel.from_config(config).to(device).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model)
@@ -135,15 +140,7 @@ def compute_bound(config: TrainConfig, device: torch.device, steps: int, skip: i
         synchronize(device)
         start = time.perf_counter()
         model.normalize_prototypes()
-        with autocast:
-            _, scores = model(crops)  # (V*B, K)
-        loss = swav_loss(
-            scores.split(config.batch_size),
-            config.temperature,
-            config.epsilon,
-            config.sinkhorn_iterations,
-            config.crops_for_assign,
-        )
+        loss = swav_step(model, model.prototypes.weight, crops, None, config, autocast).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

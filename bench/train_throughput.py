@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from swav_core.config import TrainConfig, config_from
-from swav_core.data import MultiCropDataset, ShardedEpochSampler, make_loader, scan_image_folder
+from swav_core.data import MultiCropDataset, ShardedEpochSampler, make_loader
+from swav_core.image_folder import scan_image_folder
 from swav_core.loss import swav_loss
 from swav_core.model import SwAVModel
 from swav_core.multicrop import MultiCropTransform
@@ -55,8 +56,6 @@ def bench_config(args: argparse.Namespace) -> TrainConfig:
         backbone="resnet18",
         nmb_crops=(2, 4),
         size_crops=(96, 64),
-        min_scale_crops=(0.14, 0.05),
-        max_scale_crops=(1.0, 0.14),
         n_prototypes=300,
         batch_size=args.batch,
         epochs=1,

@@ -47,7 +47,7 @@ def scan_folder(folder: Path) -> list[TarMember]:
     """The regular files under `folder`, sorted, hidden entries left out.
 
     The server ignores hidden files and folders when it reads a dataset
-    (`swav_core.data`), so they are not sent. Symlinked folders are not followed.
+    (`swav_core.image_folder`), so they are not sent. Symlinked folders are not followed.
     """
     members: list[TarMember] = []
     for directory, subfolders, names in os.walk(folder):

@@ -26,12 +26,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from swav_core.checkpoint import (
-    export_backbone_safetensors,
-    export_model_safetensors,
-    load_latest_checkpoint,
-    load_model,
-)
+from swav_core.checkpoint import load_latest_checkpoint
 from swav_core.config import (
     TrainConfig,
     config_from,
@@ -40,10 +35,11 @@ from swav_core.config import (
     preset_names,
 )
 from swav_core.costs import estimate, measure_machine
-from swav_core.data import scan_image_folder
 from swav_core.embed import embed
 from swav_core.errors import SwavError
 from swav_core.evaluate import evaluate_model
+from swav_core.exports import export_backbone_safetensors, export_model_safetensors, load_model
+from swav_core.image_folder import scan_image_folder
 from swav_core.images import load_rgb
 from swav_core.recipe import AUTO, DatasetStats, resolve_config
 from swav_core.spawn import StopFile, spawn

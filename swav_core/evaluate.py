@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from swav_core.data import scan_image_folder
 from swav_core.embed import embed
 from swav_core.errors import DataError
+from swav_core.image_folder import scan_image_folder
 from swav_core.images import load_rgb
 from swav_core.model import SwAVModel
 

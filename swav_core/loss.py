@@ -114,13 +114,17 @@ def swav_loss(
 
 def swav_loss_and_diagnostics(
     scores: Sequence[torch.Tensor],
-    temperature: float = 0.1,
-    epsilon: float = 0.05,
-    sinkhorn_iterations: int = 3,
-    crops_for_assign: Sequence[int] = (0, 1),
+    temperature: float,
+    epsilon: float,
+    sinkhorn_iterations: int,
+    crops_for_assign: Sequence[int],
     queue_scores: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, CollapseDiagnostics]:
-    """`swav_loss` and the `CollapseDiagnostics` of the same step, from one Sinkhorn pass."""
+    """`swav_loss` and the `CollapseDiagnostics` of the same step, from one Sinkhorn pass.
+
+    The hyperparameters have no defaults here: the paper's live on `swav_loss` only, and
+    the training step passes its config's.
+    """
     _check_inputs(scores, crops_for_assign)
     codes = _assigned_codes(scores, epsilon, sinkhorn_iterations, crops_for_assign, queue_scores)
     loss = _swapped_prediction(scores, codes, temperature, crops_for_assign)

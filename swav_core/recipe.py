@@ -29,7 +29,7 @@ from typing import Any
 
 from swav_core.config import TrainConfig, config_from
 from swav_core.costs import Machine, epochs_in
-from swav_core.data import ImageFolderScan
+from swav_core.image_folder import ImageFolderScan
 
 # Backbones from the cheapest up, per device; the recipe takes the last that fits.
 CPU_BACKBONES = ("small_resnet10_w16", "small_resnet10_w32", "small_resnet10_w64")

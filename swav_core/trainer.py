@@ -38,7 +38,7 @@ from swav_core.collapse import (
     window_steps,
 )
 from swav_core.config import TrainConfig
-from swav_core.data import MultiCropDataset, ShardedEpochSampler, make_loader, scan_image_folder
+from swav_core.data import MultiCropDataset, ShardedEpochSampler, make_loader
 from swav_core.distributed import (
     DistContext,
     all_reduce_mean,
@@ -47,6 +47,7 @@ from swav_core.distributed import (
 )
 from swav_core.errors import CollapsedError, ConfigError, NonFiniteLossError
 from swav_core.events import EventCallback, EventSink
+from swav_core.image_folder import scan_image_folder
 from swav_core.model import SwAVModel
 from swav_core.multicrop import MultiCropTransform
 from swav_core.step import swav_step

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from swav_core.budget import ScheduleFit
-from swav_core.checkpoint import capture_rng_state, restore_rng_state
 from swav_core.config import TrainConfig
 from swav_core.distributed import DistContext, gather_tensors
 from swav_core.errors import ConfigError
 from swav_core.lars import LARS, parameter_groups
 from swav_core.model import SwAVModel
 from swav_core.queue import FeatureQueue
+from swav_core.rng_state import capture_rng_state, restore_rng_state
 from swav_core.schedule import learning_rate
 
 # Fields that may differ between a run and its resume: they change no computed value.

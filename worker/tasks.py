@@ -20,8 +20,8 @@ from typing import Any
 from sqlalchemy import select, update
 
 from swav_core.atomic import atomic_write_bytes, atomic_writer
-from swav_core.data import NoImagesError, SkippedFile, scan_image_folder
 from swav_core.errors import DataError, SwavError
+from swav_core.image_folder import NoImagesError, SkippedFile, scan_image_folder
 from swav_core.recipe import DatasetStats
 from swav_service.db import session_scope
 from swav_service.dispatch import EMBED_TASK, EVAL_TASK, INGEST_TASK, TRAIN_TASK
@@ -205,8 +205,8 @@ def compute_embeddings(
     import numpy as np
     import torch
 
-    from swav_core.checkpoint import load_model
     from swav_core.embed import embed
+    from swav_core.exports import load_model
     from swav_core.images import load_rgb
 
     model, config = load_model(checkpoint)
@@ -296,8 +296,8 @@ def evaluate_checkpoint(checkpoint_id: str) -> None:
         path = settings.artifacts / checkpoint.path
         images = dataset_images_dir(settings, job.dataset_id)
         job_id, keep_best_by = job.id, job.keep_best_by
-    from swav_core.checkpoint import load_model
     from swav_core.evaluate import evaluate_model
+    from swav_core.exports import load_model
 
     try:
         store = artifact_store(settings)

@@ -90,7 +90,7 @@ def export(checkpoint: Path, fmt: DownloadFormat) -> Path:
     target = export_path(checkpoint, fmt)
     if target.is_file():
         return target
-    from swav_core.checkpoint import (
+    from swav_core.exports import (
         export_backbone_safetensors,
         export_model_safetensors,
         load_model,

@@ -6,7 +6,7 @@ latest available one, final preferred). Once `succeeded`,
 `GET /v1/embedding-jobs/{id}/download?file=embeddings` is a float32 `.npy` of shape
 (N, D), and `?file=index` a JSON list of the N image paths relative to the dataset root,
 row i being the image at index[i]. The order is that of
-`swav_core.data.scan_image_folder(...).files`: the valid images' relative POSIX paths
+`swav_core.image_folder.scan_image_folder(...).files`: the valid images' relative POSIX paths
 sorted as strings (so `class/name` groups by class folder).
 
 `POST /v1/checkpoints/{id}/evaluate` queues the checkpoint's quality report (kNN and

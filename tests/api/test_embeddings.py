@@ -26,9 +26,10 @@ import torch
 from PIL import Image
 from sqlalchemy.orm import Session
 
-from swav_core.checkpoint import load_model, save_checkpoint
+from swav_core.checkpoint import save_checkpoint
 from swav_core.config import config_from
 from swav_core.embed import embed
+from swav_core.exports import load_model
 from swav_core.images import load_rgb
 from swav_core.model import SwAVModel
 from swav_service.models import Checkpoint, Dataset, Job, new_id

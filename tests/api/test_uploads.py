@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from swav_core.data import NoImagesError, scan_image_folder
+from swav_core.image_folder import NoImagesError, scan_image_folder
 from tests.conftest import Service, create_database, drop_database, migrate, service_env
 from worker.archive import extract_archive
 from worker.archive_caps import ArchiveLimits, ArchiveRefused

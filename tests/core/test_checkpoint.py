@@ -1,4 +1,4 @@
-"""Checkpoints on real files: atomic saves, checksums, crash and fault recovery, exports, RNG."""
+"""Checkpoints on real files: atomic saves, checksums, pins, pruning, crash and fault recovery."""
 
 from __future__ import annotations
 
@@ -6,51 +6,36 @@ import hashlib
 import json
 import logging
 import os
-import random
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-import torchvision
-from safetensors import safe_open
-from safetensors.torch import load_file
-from torch import nn
 
 from swav_core.atomic import atomic_write_bytes
 from swav_core.checkpoint import (
     CheckpointInfo,
-    capture_rng_state,
     checkpoint_dir,
-    export_backbone_safetensors,
-    export_model_safetensors,
     list_checkpoints,
     load_checkpoint,
     load_latest_checkpoint,
-    load_model_safetensors,
-    model_from_checkpoint,
     prune_checkpoints,
-    restore_rng_state,
     save_checkpoint,
     set_pinned,
     sidecar_path,
     verify_checkpoint,
 )
 from swav_core.config import config_from
-from swav_core.embed import embed
 from swav_core.errors import CheckpointError
+from swav_core.exports import model_from_checkpoint
 from swav_core.model import SwAVModel
 from swav_core.queue import FeatureQueue
+from swav_core.rng_state import capture_rng_state
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def tiny_model() -> SwAVModel:
-    return SwAVModel("tiny_cnn", 16, 8, 10)
 
 
 def small_state(step: int) -> dict[str, Any]:
@@ -118,13 +103,6 @@ def test_save_load_round_trip_with_sidecar_checksum(tmp_path: Path) -> None:
     model, config = model_from_checkpoint(loaded)
     assert config.model_dump(mode="json") == state["config"]
     assert_same(state["model"], model.state_dict())
-
-
-def test_model_from_checkpoint_strips_ddp_prefix(tmp_path: Path) -> None:
-    state = realistic_state()
-    state["model"] = {f"module.{k}": v for k, v in state["model"].items()}
-    model, _ = model_from_checkpoint(state)
-    assert set(model.state_dict()) == {k.removeprefix("module.") for k in state["model"]}
 
 
 def test_keep_last_prunes_to_newest_and_final_and_cleans_temp_files(tmp_path: Path) -> None:
@@ -327,72 +305,6 @@ def test_load_refuses_pickled_objects_without_running_them(tmp_path: Path) -> No
     with pytest.raises(CheckpointError):
         load_latest_checkpoint(tmp_path)
     assert not marker.exists()
-
-
-def test_backbone_export_loads_strictly_into_torchvision(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = SwAVModel("resnet18", 32, 16, 10)
-    model.train()
-    model([torch.randn(4, 3, 64, 64)])  # move the BN running stats away from their defaults
-    path = tmp_path / "backbone.safetensors"
-    export_backbone_safetensors(model, path, backbone_name="resnet18")
-
-    with safe_open(str(path), framework="pt") as file:
-        assert file.metadata() == {"format": "pt", "backbone": "resnet18"}
-    reference = torchvision.models.resnet18()
-    reference.fc = nn.Identity()
-    reference.load_state_dict(load_file(path), strict=True)
-    reference.eval()
-
-    x = torch.randn(2, 3, 64, 64)
-    expected = embed(model, x, layer="backbone", normalize=False)
-    with torch.no_grad():
-        actual = reference(x)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_full_model_export_round_trip(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    config = config_from("cpu-tiny", hidden_mlp=16, feat_dim=8, n_prototypes=10)
-    model = SwAVModel.from_config(config)
-    model.train()
-    model([torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)])
-    path = tmp_path / "model.safetensors"
-    export_model_safetensors(model, config, path)
-
-    loaded, loaded_config = load_model_safetensors(path)
-    assert loaded_config == config
-    assert not loaded.training
-    model.eval()
-    crops = [torch.randn(3, 3, 16, 16), torch.randn(3, 3, 8, 8)]
-    with torch.no_grad():
-        for ours, theirs in zip(model(crops), loaded(crops), strict=True):
-            torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
-
-    with pytest.raises(ValueError, match="n_prototypes"):
-        export_model_safetensors(model, config.with_overrides(n_prototypes=11), path)
-    export_backbone_safetensors(model, tmp_path / "backbone.safetensors")
-    with pytest.raises(CheckpointError, match="swav_config"):
-        load_model_safetensors(tmp_path / "backbone.safetensors")
-
-
-def draw_all() -> list[Any]:
-    return [torch.rand(5), np.random.rand(5), np.random.randn(3), random.random()]
-
-
-def test_rng_state_round_trip_through_a_checkpoint(tmp_path: Path) -> None:
-    np.random.randn()  # leave a cached gaussian in numpy's state
-    random.gauss(0, 1)
-    info = save_checkpoint(tmp_path, {"rng": capture_rng_state()}, step=1, keep_last=1)
-    first = draw_all()
-
-    restore_rng_state(load_checkpoint(info.path)["rng"])
-    second = draw_all()
-
-    assert torch.equal(first[0], second[0])
-    np.testing.assert_array_equal(first[1], second[1])
-    np.testing.assert_array_equal(first[2], second[2])
-    assert first[3] == second[3]
 
 
 def test_checkpoint_info_is_frozen(tmp_path: Path) -> None:

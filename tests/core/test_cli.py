@@ -13,8 +13,8 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
-from swav_core.checkpoint import load_model
 from swav_core.embed import embed
+from swav_core.exports import load_model
 from swav_core.images import load_rgb
 
 BIN = Path(sys.executable).parent

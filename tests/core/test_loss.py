@@ -11,20 +11,10 @@ import torch.nn.functional as F
 
 from swav_core.loss import swav_loss, swav_loss_and_diagnostics
 from swav_core.sinkhorn import sinkhorn
+from tests.core.conftest import oracle_codes
 
 S0 = [[0.9, 0.1, -0.2], [0.8, 0.3, 0.0], [-0.1, 0.7, 0.2], [0.0, 0.2, 0.6]]
 S1 = [[0.7, 0.2, 0.1], [0.6, 0.4, -0.3], [0.0, 0.8, 0.1], [0.1, 0.1, 0.9]]
-
-
-def oracle_codes(scores: torch.Tensor, epsilon: float, iterations: int = 3) -> torch.Tensor:
-    """The paper's Sinkhorn-Knopp in float64 without stabilisation (see test_sinkhorn)."""
-    q = torch.exp(scores.detach().to(torch.float64).t() / epsilon)
-    n_prototypes, batch = q.shape
-    q = q / q.sum()
-    for _ in range(iterations):
-        q = q / q.sum(dim=1, keepdim=True) / n_prototypes
-        q = q / q.sum(dim=0, keepdim=True) / batch
-    return (q * batch).t()
 
 
 def manual_loss(

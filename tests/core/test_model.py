@@ -14,6 +14,7 @@ from swav_core.model import (
     projection_head,
     resolution_groups,
 )
+from tests.core.conftest import assert_unknown_name_lists_known
 
 EXPECTED_FEATURES = {
     "tiny_cnn": 64,
@@ -96,12 +97,7 @@ def test_backbone_names_cover_the_registry() -> None:
 
 
 def test_unknown_backbone_lists_known_names() -> None:
-    with pytest.raises(KeyError) as excinfo:
-        create_backbone("nope")
-    message = excinfo.value.args[0]
-    assert "'nope'" in message
-    for name in backbone_names():
-        assert name in message
+    assert_unknown_name_lists_known(create_backbone, backbone_names())
 
 
 def test_prototypes_unit_rows_after_normalize() -> None:

@@ -1,8 +1,9 @@
 """`swav_core.sinkhorn.sinkhorn` against the paper's equations (Caron et al., 2020, eq. 3-5).
 
-The ORACLE below is written straight from the paper's pseudo-code (appendix, Algorithm 1),
-in float64 and without any max subtraction, so it shares no code and no trick with the
-implementation. Golden numbers were computed by hand from the same equations.
+The oracle (`oracle_codes` in tests/core/conftest.py, shared with the loss tests) is
+written straight from the paper's pseudo-code (appendix, Algorithm 1), in float64 and
+without any max subtraction, so it shares no code and no trick with the implementation.
+Golden numbers were computed by hand from the same equations.
 """
 
 from __future__ import annotations
@@ -14,25 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from swav_core.sinkhorn import sinkhorn
+from tests.core.conftest import oracle_codes
 
 S0 = [[0.9, 0.1, -0.2], [0.8, 0.3, 0.0], [-0.1, 0.7, 0.2], [0.0, 0.2, 0.6]]
-
-
-def oracle(scores: torch.Tensor, epsilon: float, iterations: int = 3) -> torch.Tensor:
-    """Codes (n x K) by the paper's Sinkhorn-Knopp, float64, no stabilisation at all."""
-    q = torch.exp(scores.detach().to(torch.float64).t() / epsilon)  # (K, B)
-    n_prototypes, batch = q.shape
-    q = q / q.sum()
-    for _ in range(iterations):
-        q = q / q.sum(dim=1, keepdim=True) / n_prototypes
-        q = q / q.sum(dim=0, keepdim=True) / batch
-    return (q * batch).t()
 
 
 def oracle_per_row_max(scores: torch.Tensor, epsilon: float, iterations: int = 3) -> torch.Tensor:
     """The oracle fed with each sample's own max subtracted: NOT the same problem."""
     s = scores.to(torch.float64)
-    return oracle(s - s.max(dim=1, keepdim=True).values, epsilon, iterations)
+    return oracle_codes(s - s.max(dim=1, keepdim=True).values, epsilon, iterations)
 
 
 def unit_scores(
@@ -116,8 +107,8 @@ def test_golden_codes_eps_005() -> None:
     torch.testing.assert_close(codes[0], row0, rtol=0, atol=5e-7)
     torch.testing.assert_close(codes[2], row2, rtol=0, atol=5e-7)
     # the oracle agrees with the same golden numbers (they are the paper's, not ours)
-    torch.testing.assert_close(oracle(s0, 0.05)[0], row0, rtol=0, atol=5e-7)
-    torch.testing.assert_close(oracle(s0, 0.05)[2], row2, rtol=0, atol=5e-7)
+    torch.testing.assert_close(oracle_codes(s0, 0.05)[0], row0, rtol=0, atol=5e-7)
+    torch.testing.assert_close(oracle_codes(s0, 0.05)[2], row2, rtol=0, atol=5e-7)
 
 
 def test_golden_codes_eps_05() -> None:
@@ -126,7 +117,7 @@ def test_golden_codes_eps_05() -> None:
     torch.testing.assert_close(
         sinkhorn(s0, 0.5, 3, dtype=torch.float64)[0], row0, rtol=0, atol=5e-7
     )
-    torch.testing.assert_close(oracle(s0, 0.5)[0], row0, rtol=0, atol=5e-7)
+    torch.testing.assert_close(oracle_codes(s0, 0.5)[0], row0, rtol=0, atol=5e-7)
 
 
 # --------------------------------------------------------------------------- oracle
@@ -137,14 +128,16 @@ def test_golden_codes_eps_05() -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_oracle(dtype: torch.dtype, epsilon: float, seed: int) -> None:
     scores = unit_scores(96, 70, 12, seed=seed, dtype=dtype)
-    expected = oracle(scores, epsilon)
+    expected = oracle_codes(scores, epsilon)
     got = sinkhorn(scores, epsilon, 3, dtype=dtype)
     assert got.dtype == dtype
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-12)
     # the global max is a pure shift: the oracle is invariant, and so is sinkhorn
     shifted = scores - scores.max()
     exact_shift = scores.double() - scores.double().max()  # fp32 subtraction would round
-    torch.testing.assert_close(oracle(exact_shift, epsilon), expected, rtol=1e-10, atol=1e-15)
+    torch.testing.assert_close(
+        oracle_codes(exact_shift, epsilon), expected, rtol=1e-10, atol=1e-15
+    )
     torch.testing.assert_close(
         sinkhorn(shifted, epsilon, 3, dtype=dtype).double(), expected, rtol=1e-5, atol=1e-12
     )
@@ -155,7 +148,7 @@ def test_matches_oracle_other_iteration_counts(iterations: int) -> None:
     scores = unit_scores(50, 20, 8, seed=4, dtype=torch.float64)
     torch.testing.assert_close(
         sinkhorn(scores, 0.05, iterations, dtype=torch.float64),
-        oracle(scores, 0.05, iterations),
+        oracle_codes(scores, 0.05, iterations),
         rtol=1e-10,
         atol=1e-15,
     )
@@ -164,7 +157,7 @@ def test_matches_oracle_other_iteration_counts(iterations: int) -> None:
 def test_per_row_max_changes_the_result() -> None:
     """Why a global max: a per-sample shift is not a symmetry of 3-iteration Sinkhorn."""
     s0 = torch.tensor(S0, dtype=torch.float64)
-    reference = oracle(s0, 0.05)
+    reference = oracle_codes(s0, 0.05)
     per_row = oracle_per_row_max(s0, 0.05)
     assert (per_row - reference).abs().max() > 1e-3
     assert not torch.allclose(per_row, reference, rtol=1e-5, atol=1e-6)
@@ -206,7 +199,7 @@ def test_half_precision_inputs(dtype: torch.dtype, case: str, epsilon: float) ->
     assert (codes >= 0).all()
     torch.testing.assert_close(codes.sum(dim=1), torch.ones(256), rtol=0, atol=1e-4)
 
-    expected = oracle(scores.to(torch.float64), epsilon)  # same (upcast) scores
+    expected = oracle_codes(scores.to(torch.float64), epsilon)  # same (upcast) scores
     finite = torch.isfinite(expected).all(dim=1)
     assert finite.float().mean() > 0.99  # the oracle is finite here in float64
     torch.testing.assert_close(codes.double()[finite], expected[finite], rtol=1e-3, atol=1e-6)
@@ -255,7 +248,7 @@ def test_no_gradient_through_codes() -> None:
 
 def test_dead_prototype_keeps_its_share_at_small_epsilon_fp32() -> None:
     scores = torch.tensor([[1.0, 0.0, -0.9], [0.0, 1.0, -0.9]])  # prototype 2 is 1.9 below
-    expected = oracle(scores, 0.01)  # [[2/3, 0, 1/3], [0, 2/3, 1/3]]
+    expected = oracle_codes(scores, 0.01)  # [[2/3, 0, 1/3], [0, 2/3, 1/3]]
     torch.testing.assert_close(
         sinkhorn(scores.double(), 0.01, 3, dtype=torch.float64), expected, rtol=0, atol=1e-6
     )  # fp64 is right
