@@ -35,8 +35,12 @@ from swav_service.layout import (
 from swav_service.models import Checkpoint, Dataset, EmbeddingJob, Job, utcnow
 from swav_service.settings import Settings, get_settings
 from swav_service.storage import StorageError, artifact_store
+from worker import celery_app
 from worker.archive import ArchiveLimits, ArchiveRefused, extract_archive, shown_name
 from worker.celery_app import app
+from worker.gang import run_node
+from worker.ranks import is_multi_node
+from worker.runner import run_single_node
 
 log = logging.getLogger(__name__)
 MAX_REPORTED_SKIPS = 1000
@@ -168,14 +172,17 @@ def ingest_dataset(dataset_id: str) -> None:
 
 @app.task(name=TRAIN_TASK)
 def run_job(job_id: str) -> None:
-    """Train the job under a lease (worker/runner.py); a duplicate delivery does nothing."""
-    from worker import celery_app, runner
-
+    """Train the job under a lease (worker/runner.py), or one node of it (worker/gang.py);
+    a duplicate delivery does nothing."""
     supervisor = celery_app.SUPERVISOR
     if supervisor is not None:
         supervisor.current_job = job_id
     try:
-        runner.run_job(job_id, get_settings())
+        settings = get_settings()
+        if is_multi_node(job_id):
+            run_node(job_id, settings)
+        else:
+            run_single_node(job_id, settings)
     finally:
         if supervisor is not None:
             supervisor.current_job = None
