@@ -62,19 +62,26 @@ def _in_archive(skipped: tuple[SkippedFile, ...], prefix: str) -> list[dict[str,
     ]
 
 
-def _fail_dataset(dataset_id: str, code: str, message: str, skipped: list[dict[str, str]]) -> None:
+def _end_validation(
+    dataset_id: str, status: str, skipped: list[dict[str, str]], **values: Any
+) -> None:
+    """Move a validating dataset to `status` with its skipped files (the first
+    MAX_REPORTED_SKIPS of them) and `values`; a deleted dataset is left alone."""
     with session_scope() as session:
         session.execute(
             update(Dataset)
             .where(Dataset.id == dataset_id, Dataset.status == "validating")
             .values(
-                status="failed",
-                error_code=code,
-                error_message=message,
+                status=status,
                 num_skipped=len(skipped),
                 skipped=skipped[:MAX_REPORTED_SKIPS],
+                **values,
             )
         )
+
+
+def _fail_dataset(dataset_id: str, code: str, message: str, skipped: list[dict[str, str]]) -> None:
+    _end_validation(dataset_id, "failed", skipped, error_code=code, error_message=message)
 
 
 @app.task(name=INGEST_TASK)
@@ -154,20 +161,15 @@ def ingest_dataset(dataset_id: str) -> None:
             skipped,
         )
         return
-    with session_scope() as session:
-        session.execute(
-            update(Dataset)
-            .where(Dataset.id == dataset_id, Dataset.status == "validating")
-            .values(
-                status="ready",
-                num_images=len(scan.files),
-                num_skipped=len(skipped),
-                skipped=skipped[:MAX_REPORTED_SKIPS],
-                classes=list(scan.classes) if scan.classes else None,
-                fingerprint=scan.fingerprint(),
-                stats=DatasetStats.from_scan(scan).as_dict(),
-            )
-        )
+    _end_validation(
+        dataset_id,
+        "ready",
+        skipped,
+        num_images=len(scan.files),
+        classes=list(scan.classes) if scan.classes else None,
+        fingerprint=scan.fingerprint(),
+        stats=DatasetStats.from_scan(scan).as_dict(),
+    )
 
 
 @app.task(name=TRAIN_TASK)
