@@ -171,7 +171,7 @@ def worker_command(
         "--hostname",
         hostname,
         "--loglevel",
-        "INFO",
+        loglevel,
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",

@@ -87,6 +87,25 @@ class Settings(BaseSettings):
     s3_access_key_id: str | None = Field(None, description="Default: boto3's credential chain.")
     s3_secret_access_key: SecretStr | None = Field(None, description="With s3_access_key_id.")
 
+    # What one job's config may ask for (swav_service/config_limits.py; 422 at submit).
+    max_crop_px: int = Field(1024, ge=1, description="Largest crop side, px (size_crops).")
+    max_crops: int = Field(32, ge=1, description="Crops per image, all resolutions.")
+    max_crop_groups: int = Field(8, ge=1, description="Crop resolutions (list lengths).")
+    max_batch_size: int = Field(65536, ge=1, description="Global batch size.")
+    max_prototypes: int = Field(65536, ge=2, description="n_prototypes.")
+    max_hidden_mlp: int = Field(16384, ge=0, description="hidden_mlp.")
+    max_feat_dim: int = Field(4096, ge=1, description="feat_dim.")
+    max_queue_length: int = Field(65536, ge=0, description="queue_length.")
+    max_sinkhorn_iterations: int = Field(100, ge=1, description="sinkhorn_iterations.")
+    max_num_workers: int = Field(32, ge=0, description="Loader processes per rank.")
+    max_keep_last: int = Field(100, ge=1, description="Checkpoints kept besides the final.")
+    max_total_steps: int = Field(
+        100_000_000, ge=1, description="epochs x steps per epoch (capped at 2^31-1)."
+    )
+    max_checkpoints_per_job: int = Field(
+        10_000, ge=1, description="Checkpoints one run writes (checkpoint_every_*)."
+    )
+
     # POST /v1/embeddings: request limits, model cache and micro-batching.
     max_embedding_items: int = Field(64, description="Images per embedding request (413).")
     max_image_bytes: int = Field(8 * 1024**2, description="Encoded bytes per image (413).")

@@ -16,6 +16,9 @@ from celery import Celery, signals
 
 from swav_service.dispatch import create_app, train_queues
 from swav_service.settings import Settings, get_settings
+from worker.child import SHUTDOWN
+from worker.reconciler import Supervisor, clear_presence
+from worker.resources import detect_resources, machine_profile
 
 SUPERVISOR: Any = None
 
@@ -32,8 +35,6 @@ app = create_celery()
 def _consume_every_size_that_fits(sender: Any = None, instance: Any = None, **_: Any) -> None:
     """A training worker also reads the queues of jobs with more ranks per node, up to
     what it can run (swav_service/dispatch.py): the broker never hands it a job too large."""
-    from worker.resources import detect_resources
-
     settings = get_settings()
     queues = instance.app.amqp.queues
     if settings.train_queue not in (queues.consume_from or {}):
@@ -45,9 +46,6 @@ def _consume_every_size_that_fits(sender: Any = None, instance: Any = None, **_:
 @signals.worker_ready.connect
 def _start_supervisor(sender: Any = None, **_: Any) -> None:
     """Heartbeats and the reconciler run in a thread of every worker (worker/reconciler.py)."""
-    from worker.reconciler import Supervisor
-    from worker.resources import detect_resources
-
     global SUPERVISOR
     settings = get_settings()
     sized = f"{settings.train_queue}.gpus"  # listed as the worker's `ranks`, not one by one
@@ -63,8 +61,6 @@ def _start_supervisor(sender: Any = None, **_: Any) -> None:
 
 
 def _add_machine_profile(supervisor: Any) -> None:
-    from worker.resources import machine_profile
-
     profile = machine_profile()
     if profile is not None:
         supervisor.resources = {**supervisor.resources, "machine": profile}
@@ -73,8 +69,6 @@ def _add_machine_profile(supervisor: Any) -> None:
 @signals.worker_shutting_down.connect
 def _hand_back_on_shutdown(**_: Any) -> None:
     """SIGTERM: the running job checkpoints and goes back to the queue (worker/runner.py)."""
-    from worker.child import SHUTDOWN
-
     SHUTDOWN.set()
 
 
@@ -83,6 +77,4 @@ def _stop_supervisor(**_: Any) -> None:
     if SUPERVISOR is not None:
         SUPERVISOR.stopped.set()
         with contextlib.suppress(Exception):
-            from worker.reconciler import clear_presence
-
             clear_presence(SUPERVISOR.worker_name)

@@ -1,19 +1,26 @@
-"""The training child process: how it is started, signalled and asked to stop.
+"""The training child process: how it is started, watched, asked to stop and killed.
 
-Shared by the single-node runner and the node ranks of a multi-node job (worker/gang.py).
+Shared by the single-node runner (worker/runner.py) and the other nodes of a multi-node
+job (worker/gang.py): both start the child, call their own check every poll while it
+runs, and stop it the same way. A stop is asked for through the child's STOP file (it
+checkpoints and exits) and enforced with SIGKILL to its process group once the reason's
+grace is over; no child outlives its supervision.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from swav_service.settings import Settings
 from worker.launch import die_with_parent
 
 SHUTDOWN = threading.Event()
@@ -41,13 +48,49 @@ def kill_group(process: subprocess.Popen[bytes], sig: int) -> None:
 
 @dataclass
 class Supervision:
-    """Why the runner asked its child to stop (first reason wins) and when."""
+    """Why the supervisor asked its child to stop (the first reason wins) and when."""
 
+    control_dir: Path
     reason: str | None = None
     at: float | None = None
 
-    def request(self, reason: str, run_dir: Path) -> None:
+    def request(self, reason: str) -> None:
         if self.reason is None:
             self.reason, self.at = reason, time.monotonic()
-            (run_dir / "STOP").touch()
+            (self.control_dir / "STOP").touch()
 
+    def grace_s(self, settings: Settings) -> float:
+        """How long the child may take to checkpoint and exit once asked.
+
+        Zero when another runner may already own the job (the lease is expiring, a node
+        of the gang is lost, the gang's run ended): its checkpoint could overwrite theirs.
+        """
+        if self.reason == "shutdown":
+            return settings.shutdown_grace_s
+        if self.reason in ("cancel", "timeout"):
+            return settings.cancel_grace_s
+        return 0.0
+
+
+def supervise(
+    child: subprocess.Popen[bytes],
+    check: Callable[[], None],
+    stop: Supervision,
+    settings: Settings,
+) -> int:
+    """Call `check` every poll until the child exits; its exit code.
+
+    `check` asks for a stop through `stop`, or raises to end the supervision at once
+    (e.g. LeaseLost); the child is killed when its grace is over, or as the call ends.
+    """
+    try:
+        while child.poll() is None:
+            time.sleep(settings.poll_interval_s)
+            check()
+            if stop.at is not None and time.monotonic() - stop.at > stop.grace_s(settings):
+                kill_group(child, signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            kill_group(child, signal.SIGKILL)
+        child.wait()
+    return child.returncode

@@ -27,150 +27,26 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import signal
 import time
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
-from sqlalchemy import ColumnElement, and_, delete, func, select, update
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
 
-from swav_core.distributed import free_port
 from swav_service.db import session_scope
 from swav_service.dispatch import enqueue_job
-from swav_service.job_state import append_event, change_status
+from swav_service.job_state import change_status
 from swav_service.layout import job_run_dir
 from swav_service.models import Job, JobRank, as_utc, utcnow
 from swav_service.settings import Settings
-from worker.child import SHUTDOWN, Supervision, kill_group, start_child
+from worker.child import SHUTDOWN, Supervision, start_child, supervise
 from worker.launch import NodeLaunch, child_command
-from worker.lease import Lease, LeaseLost, runner_name
-from worker.resources import worker_address
+from worker.lease import Lease, LeaseLost
+from worker.ranks import RankLease, claim_rank, live_ranks
+from worker.runner import prepare_run_folder, train_under_lease
 
 log = logging.getLogger(__name__)
-
-
-def release_ranks(session: Session, job_id: str) -> None:
-    """Forget every node claim of the job (it leaves its run: requeued or finished)."""
-    session.execute(delete(JobRank).where(JobRank.job_id == job_id))
-
-
-def live_ranks(session: Session, job_ids: Sequence[str]) -> Counter[str]:
-    """Claimed node ranks under a live lease, per job, of the job's current token."""
-    rows = session.execute(
-        select(JobRank.job_id, func.count())
-        .join(Job, Job.id == JobRank.job_id)
-        .where(
-            JobRank.job_id.in_(job_ids),
-            JobRank.token == Job.fencing_token,
-            JobRank.lease_expires_at >= utcnow(),
-        )
-        .group_by(JobRank.job_id)
-    ).all()
-    return Counter({job_id: int(count) for job_id, count in rows})
-
-
-def is_multi_node(job_id: str) -> bool:
-    with session_scope() as session:
-        return bool((session.scalar(select(Job.nodes).where(Job.id == job_id)) or 1) > 1)
-
-
-@dataclass
-class RankLease:
-    """This worker's claim on node `node_rank` of a job; lost once its row is gone."""
-
-    job_id: str
-    node_rank: int
-    owner: str
-    token: int
-    ttl_s: float
-    endpoint: str | None = None
-    renewed_at: float = field(default_factory=time.monotonic)
-
-    def _mine(self) -> ColumnElement[bool]:
-        return and_(
-            JobRank.job_id == self.job_id,
-            JobRank.node_rank == self.node_rank,
-            JobRank.owner == self.owner,
-            JobRank.token == self.token,
-        )
-
-    def renew(self) -> None:
-        """Extend the rank's lease; raises LeaseLost if the row is no longer this one's."""
-
-        started = time.monotonic()
-        with session_scope() as session:
-            result = session.execute(
-                update(JobRank)
-                .where(self._mine())
-                .values(lease_expires_at=utcnow() + timedelta(seconds=self.ttl_s))
-            )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
-                raise LeaseLost(self.job_id)
-        self.renewed_at = started
-
-    def due(self, renew_every_s: float) -> bool:
-        return time.monotonic() - self.renewed_at >= renew_every_s
-
-    def remaining_s(self) -> float:
-        return self.ttl_s - (time.monotonic() - self.renewed_at)
-
-    def release(self) -> None:
-        with session_scope() as session:
-            session.execute(delete(JobRank).where(self._mine()))
-
-    def record_exit(self, code: int) -> None:
-        """Mark this node's training as ended, so that node 0 does not count it as lost."""
-        with session_scope() as session:
-            session.execute(update(JobRank).where(self._mine()).values(exit_code=code))
-
-
-def claim_rank(job_id: str, settings: Settings) -> RankLease | None:
-    """Claim the lowest free node rank of a queued multi-node job; None if there is none
-    (the job is not queued, or every rank is claimed: a duplicate message)."""
-
-    owner = runner_name()
-    with session_scope() as session:
-        job = session.execute(
-            select(Job).where(Job.id == job_id).with_for_update()
-        ).scalar_one_or_none()
-        if job is None or job.status != "queued" or job.nodes <= 1:
-            return None
-        now = utcnow()
-        session.execute(  # claims of dead claimants, or of an earlier run
-            delete(JobRank).where(
-                JobRank.job_id == job_id,
-                (JobRank.lease_expires_at < now) | (JobRank.token != job.fencing_token),
-            )
-        )
-        taken = set(session.scalars(select(JobRank.node_rank).where(JobRank.job_id == job_id)))
-        free = [r for r in range(job.nodes) if r not in taken]
-        if not free:
-            return None
-        rank = free[0]
-        endpoint = f"{worker_address(settings)}:{free_port()}" if rank == 0 else None
-        session.add(
-            JobRank(
-                job_id=job_id,
-                node_rank=rank,
-                owner=owner,
-                token=job.fencing_token,
-                endpoint=endpoint,
-                lease_expires_at=now + timedelta(seconds=settings.lease_ttl_s),
-            )
-        )
-        append_event(
-            session,
-            job_id,
-            "rank_claimed",
-            {"node_rank": rank, "claimed": len(taken) + 1, "nodes": job.nodes},
-        )
-        token = job.fencing_token
-    return RankLease(job_id, rank, owner, token, settings.lease_ttl_s, endpoint)
 
 
 @dataclass(frozen=True)
@@ -285,6 +161,7 @@ class GangMonitor:
 
     rank: RankLease
     nodes: int
+    settings: Settings
 
     def lost_nodes(self) -> list[int]:
         """Node ranks whose claim is gone, or expired while their training still ran."""
@@ -300,18 +177,18 @@ class GangMonitor:
         }
         return [r for r in range(1, self.nodes) if r not in alive]
 
-    def check(self, stop: Supervision, run_dir: Path, settings: Settings) -> None:
+    def check(self, stop: Supervision) -> None:
         """Renew node 0's rank when due (LeaseLost propagates) and stop the run, reason
         `rank_lost`, if another node is lost. A database outage is left to the job lease."""
         try:
-            if self.rank.due(settings.lease_renew_s):
+            if self.rank.due(self.settings.lease_renew_s):
                 self.rank.renew()
             lost = self.lost_nodes()
         except DBAPIError:
             return
         if lost:
             log.warning("job %s: node ranks %s lost; stopping", self.rank.job_id, lost)
-            stop.request("rank_lost", run_dir)
+            stop.request("rank_lost")
 
 
 def _job_running_at(job_id: str, token: int) -> bool:
@@ -328,8 +205,6 @@ def run_follower(rank: RankLease, job: Job, endpoint: str, settings: Settings) -
     Its control files (job.json, STOP, outcome.json, train.log) are in the job's
     `nodes/R` folder; the training folder is the job's run folder, as on node 0.
     """
-    from worker.runner import prepare_run_folder
-
     control = settings.job_dir(job.id) / "nodes" / str(rank.node_rank)
     run_dir = job_run_dir(settings, job.id)
     spec = prepare_run_folder(job, control, run_dir, settings)
@@ -342,42 +217,33 @@ def run_follower(rank: RankLease, job: Job, endpoint: str, settings: Settings) -
         run_id=f"{job.id}-{rank.token + 1}",
         local_addr=settings.worker_address,
     )
+    stop = Supervision(control)
+
+    def check() -> None:
+        try:
+            if rank.due(settings.lease_renew_s):
+                rank.renew()
+            if not _job_running_at(job.id, rank.token + 1):
+                log.info("job %s: the gang's run ended; node %s stops", job.id, rank.node_rank)
+                stop.request("run_ended")
+        except DBAPIError:
+            if rank.remaining_s() < settings.lease_renew_s:
+                stop.request("lease_expiring")
+        if SHUTDOWN.is_set():
+            stop.request("shutdown")  # every rank checkpoints and stops (any_rank)
+
     child = start_child(control, child_command(control, launch))
-    stopping_since: float | None = None
     try:
-        while child.poll() is None:
-            time.sleep(settings.poll_interval_s)
-            try:
-                if rank.due(settings.lease_renew_s):
-                    rank.renew()
-                if not _job_running_at(job.id, rank.token + 1):
-                    log.info("job %s: the gang's run ended; node %s stops", job.id, rank.node_rank)
-                    break
-            except LeaseLost:
-                log.warning("job %s: node rank %s lost; stopping", job.id, rank.node_rank)
-                break
-            except DBAPIError:
-                if rank.remaining_s() < settings.lease_renew_s:
-                    break
-            if SHUTDOWN.is_set() and stopping_since is None:
-                (control / "STOP").touch()  # every rank checkpoints and stops (any_rank)
-                stopping_since = time.monotonic()
-            if stopping_since is not None and (
-                time.monotonic() - stopping_since > settings.shutdown_grace_s
-            ):
-                break
-    finally:
-        if child.poll() is None:
-            kill_group(child, signal.SIGKILL)
-            child.wait()
+        returncode = supervise(child, check, stop, settings)
+    except LeaseLost:
+        log.warning("job %s: node rank %s lost; stopping", job.id, rank.node_rank)
+        returncode = child.returncode
     with contextlib.suppress(LeaseLost, DBAPIError):
-        rank.record_exit(child.returncode)
+        rank.record_exit(returncode)
 
 
 def run_node(job_id: str, settings: Settings) -> None:
     """Claim a node rank of a multi-node job, wait for the gang, and train this node."""
-    from worker.runner import train_under_lease
-
     rank = claim_rank(job_id, settings)
     if rank is None:
         return
@@ -396,4 +262,5 @@ def run_node(job_id: str, settings: Settings) -> None:
         run_id=f"{job_id}-{started.lease.token}",
         local_addr=settings.worker_address,
     )
-    train_under_lease(started.lease, job, launch, settings, GangMonitor(rank, job.nodes))
+    monitor = GangMonitor(rank, job.nodes, settings)
+    train_under_lease(started.lease, job, launch, settings, watch=monitor.check)

@@ -14,7 +14,7 @@ is a compare-and-set, so several at once are safe) repairs each case:
   `resend_after_s` is sent again (a duplicate is harmless: claims are compare-and-set);
   a multi-node job gets one per node rank neither claimed nor waiting in a queue.
 
-A job that leaves its run this way also loses its node-rank claims (worker/gang.py), so
+A job that leaves its run this way also loses its node-rank claims (worker/ranks.py), so
 the nodes of a multi-node gang stop, and the next run gathers a new one.
 """
 
@@ -34,12 +34,11 @@ from typing import Any
 from sqlalchemy import func, select, update
 
 from swav_service.db import session_scope
-from swav_service.dispatch import TRAIN_TASK, enqueue_job
+from swav_service.dispatch import TRAIN_TASK, enqueue_job, producer
 from swav_service.job_state import append_event, change_status
 from swav_service.models import Job, Worker, utcnow
 from swav_service.settings import Settings
-from worker.celery_app import app
-from worker.gang import live_ranks, release_ranks
+from worker.ranks import live_ranks, release_ranks
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ def broker_messages(settings: Settings) -> tuple[Counter[str], Counter[str]]:
             except (OSError, ValueError):
                 continue
         return _train_job_ids(messages), Counter()
-    with app.connection_for_read() as connection:
+    with producer().connection_for_read() as connection:
         client = connection.default_channel.client
         queues = [settings.train_queue, *client.scan_iter(match=f"{settings.train_queue}.gpus*")]
         waiting = [m for queue in queues for m in client.lrange(queue, 0, -1)]

@@ -49,7 +49,7 @@ class Relay:
     run_dir: Path
     settings: Settings
     offset: int = 0
-    last_metrics_at: float = 0.0
+    last_metrics_at: float = float("-inf")  # the first metrics event is always logged
     pending_metrics: dict[str, Any] | None = None
     labelled: bool | None = None
     store: ArtifactStore | None = None

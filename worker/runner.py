@@ -21,10 +21,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -36,13 +36,11 @@ from swav_service.layout import dataset_images_dir, job_run_dir
 from swav_service.models import Job, utcnow
 from swav_service.settings import Settings
 from swav_service.storage import artifact_store
-from worker.child import SHUTDOWN, Supervision, kill_group, start_child
+from worker.child import SHUTDOWN, Supervision, start_child, supervise
 from worker.launch import NodeLaunch, child_command
 from worker.lease import Lease, LeaseLost, claim
+from worker.ranks import release_ranks
 from worker.relay import Relay
-
-if TYPE_CHECKING:
-    from worker.gang import GangMonitor
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +56,9 @@ NOT_RETRIED = frozenset(
 )
 
 
-
-def run_job(job_id: str, settings: Settings) -> None:
-    """Claim `job_id` and train it to an end state, or hand it back, or (lease lost) leave it.
-
-    A multi-node job is claimed one node rank at a time (worker/gang.py).
-    """
-    from worker import gang
-
-    if gang.is_multi_node(job_id):
-        gang.run_node(job_id, settings)
-        return
+def run_single_node(job_id: str, settings: Settings) -> None:
+    """Claim `job_id` and train it to an end state, or hand it back, or (lease lost) leave
+    it. A job of several nodes is claimed one node rank at a time instead (worker/gang.py)."""
     claimed = claim(job_id, settings)
     if claimed is None:
         return  # a duplicate delivery, or cancelled while queued
@@ -103,9 +93,13 @@ def train_under_lease(
     job: Job,
     launch: NodeLaunch,
     settings: Settings,
-    gang: GangMonitor | None = None,
+    watch: Callable[[Supervision], None] | None = None,
 ) -> None:
-    """Train a claimed job (node 0 of it, with `gang`) until it ends or the lease is lost."""
+    """Train a claimed job until it ends or the lease is lost.
+
+    Node 0 of a multi-node job passes `watch` (worker/gang.py: GangMonitor.check), which
+    runs every round beside the runner's own and may ask the child to stop.
+    """
     job_id = lease.job_id
     run_dir = job_run_dir(settings, job_id)
     spec = prepare_run_folder(job, run_dir, run_dir, settings)
@@ -114,59 +108,40 @@ def train_under_lease(
     relay = Relay(lease, run_dir, settings, store=artifact_store(settings))
     relay.start_at_end()
     started = time.monotonic()
-    stop = Supervision()
+    stop = Supervision(run_dir)
+
+    def check() -> None:
+        _supervise(lease, relay, job, started, stop, settings)
+        if watch is not None:
+            watch(stop)
+
     child = start_child(run_dir, child_command(run_dir, launch))
     try:
-        while child.poll() is None:
-            time.sleep(settings.poll_interval_s)
-            try:
-                _supervise(lease, relay, job, started, stop, run_dir, settings)
-                if gang is not None:
-                    gang.check(stop, run_dir, settings)
-            except LeaseLost:
-                log.warning("job %s: lease lost to another runner; stopping", job_id)
-                kill_group(child, signal.SIGKILL)
-                child.wait()
-                return
-            if stop.at is not None and time.monotonic() - stop.at > _grace_s(stop, settings):
-                kill_group(child, signal.SIGKILL)
-    finally:
-        if child.poll() is None:
-            kill_group(child, signal.SIGKILL)
-            child.wait()
-    _finish(lease, relay, run_dir, child.returncode, time.monotonic() - started, stop, settings)
-
-
-def _grace_s(stop: Supervision, settings: Settings) -> float:
-    if stop.reason in ("lease_expiring", "rank_lost"):
-        return 0.0
-    return settings.shutdown_grace_s if stop.reason == "shutdown" else settings.cancel_grace_s
+        returncode = supervise(child, check, stop, settings)
+    except LeaseLost:
+        log.warning("job %s: lease lost to another runner; stopping", job_id)
+        return
+    _finish(lease, relay, run_dir, returncode, time.monotonic() - started, stop, settings)
 
 
 def _supervise(
-    lease: Lease,
-    relay: Relay,
-    job: Job,
-    started: float,
-    stop: Supervision,
-    run_dir: Path,
-    settings: Settings,
+    lease: Lease, relay: Relay, job: Job, started: float, stop: Supervision, settings: Settings
 ) -> None:
     """One round of the runner's loop: relay, renew when due, and decide whether to stop."""
     try:
         relay.poll()
         due = lease.ttl_s - lease.remaining_s() >= settings.lease_renew_s
         if due and lease.renew() == "cancelling":
-            stop.request("cancel", run_dir)
+            stop.request("cancel")
     except DBAPIError as error:
         log.warning("job %s: database unreachable (%s)", lease.job_id, type(error).__name__)
         if lease.remaining_s() < settings.lease_renew_s:
-            stop.request("lease_expiring", run_dir)
+            stop.request("lease_expiring")
     if SHUTDOWN.is_set():
-        stop.request("shutdown", run_dir)
+        stop.request("shutdown")
     elapsed = job.compute_seconds + time.monotonic() - started
     if job.max_runtime_s is not None and elapsed > job.max_runtime_s:
-        stop.request("timeout", run_dir)
+        stop.request("timeout")
 
 
 def _finish(
@@ -197,8 +172,6 @@ def _finish(
                 requeue = _record_end(session, job, outcome, returncode, stop)
                 gpus, nodes = job.gpus, job.nodes
                 if nodes > 1:
-                    from worker.gang import release_ranks
-
                     release_ranks(session, job.id)  # the next run gathers a new gang
             break
         except LeaseLost:

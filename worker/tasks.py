@@ -35,10 +35,14 @@ from swav_service.layout import (
 from swav_service.models import Checkpoint, Dataset, EmbeddingJob, Job, utcnow
 from swav_service.settings import Settings, get_settings
 from swav_service.storage import StorageError, artifact_store
+from worker import celery_app
 from worker.archive import extract_archive
 from worker.archive_caps import ArchiveLimits, ArchiveRefused
 from worker.archive_names import shown_name
 from worker.celery_app import app
+from worker.gang import run_node
+from worker.ranks import is_multi_node
+from worker.runner import run_single_node
 
 log = logging.getLogger(__name__)
 MAX_REPORTED_SKIPS = 1000
@@ -60,19 +64,26 @@ def _in_archive(skipped: tuple[SkippedFile, ...], prefix: str) -> list[dict[str,
     ]
 
 
-def _fail_dataset(dataset_id: str, code: str, message: str, skipped: list[dict[str, str]]) -> None:
+def _end_validation(
+    dataset_id: str, status: str, skipped: list[dict[str, str]], **values: Any
+) -> None:
+    """Move a validating dataset to `status` with its skipped files (the first
+    MAX_REPORTED_SKIPS of them) and `values`; a deleted dataset is left alone."""
     with session_scope() as session:
         session.execute(
             update(Dataset)
             .where(Dataset.id == dataset_id, Dataset.status == "validating")
             .values(
-                status="failed",
-                error_code=code,
-                error_message=message,
+                status=status,
                 num_skipped=len(skipped),
                 skipped=skipped[:MAX_REPORTED_SKIPS],
+                **values,
             )
         )
+
+
+def _fail_dataset(dataset_id: str, code: str, message: str, skipped: list[dict[str, str]]) -> None:
+    _end_validation(dataset_id, "failed", skipped, error_code=code, error_message=message)
 
 
 @app.task(name=INGEST_TASK)
@@ -152,32 +163,30 @@ def ingest_dataset(dataset_id: str) -> None:
             skipped,
         )
         return
-    with session_scope() as session:
-        session.execute(
-            update(Dataset)
-            .where(Dataset.id == dataset_id, Dataset.status == "validating")
-            .values(
-                status="ready",
-                num_images=len(scan.files),
-                num_skipped=len(skipped),
-                skipped=skipped[:MAX_REPORTED_SKIPS],
-                classes=list(scan.classes) if scan.classes else None,
-                fingerprint=scan.fingerprint(),
-                stats=DatasetStats.from_scan(scan).as_dict(),
-            )
-        )
+    _end_validation(
+        dataset_id,
+        "ready",
+        skipped,
+        num_images=len(scan.files),
+        classes=list(scan.classes) if scan.classes else None,
+        fingerprint=scan.fingerprint(),
+        stats=DatasetStats.from_scan(scan).as_dict(),
+    )
 
 
 @app.task(name=TRAIN_TASK)
 def run_job(job_id: str) -> None:
-    """Train the job under a lease (worker/runner.py); a duplicate delivery does nothing."""
-    from worker import celery_app, runner
-
+    """Train the job under a lease (worker/runner.py), or one node of it (worker/gang.py);
+    a duplicate delivery does nothing."""
     supervisor = celery_app.SUPERVISOR
     if supervisor is not None:
         supervisor.current_job = job_id
     try:
-        runner.run_job(job_id, get_settings())
+        settings = get_settings()
+        if is_multi_node(job_id):
+            run_node(job_id, settings)
+        else:
+            run_single_node(job_id, settings)
     finally:
         if supervisor is not None:
             supervisor.current_job = None

@@ -1,0 +1,62 @@
+"""Versions of the stored config: what changed in each, and how an older one is read.
+
+A `TrainConfig` is stored wherever a run leaves a trace: the job's row, its run folder
+(job.json), every checkpoint and every export. Each carries `config_version`; reading a
+config of an older version applies the renames made since, so that a checkpoint written
+before a rename still loads and resumes, and a job stored then still shows its config.
+A config without a version (one written by hand, a request) reads as version 1: the old
+names still work, the current ones too. A version newer than this code knows is refused,
+with the version named, rather than read wrongly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+CONFIG_VERSION = 2
+"""The version this code writes."""
+
+RENAMED_IN: dict[int, dict[str, str]] = {
+    # n_crops, as n_prototypes (the official code's `nmb_` prefix remained on one field).
+    2: {"nmb_crops": "n_crops"},
+}
+"""For each version, the fields it renamed: {old name: new name}."""
+
+
+def upgraded(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """`stored` (a config's fields, of any version up to CONFIG_VERSION) with the names of
+    the current version, and `config_version` set to it.
+
+    Raises ValueError for a version this code does not know, or for a field given under
+    both its old and its new name.
+    """
+    fields = dict(stored)
+    version = fields.pop("config_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"config_version={version!r} is not a version (1, 2, ...)")
+    if version > CONFIG_VERSION:
+        raise ValueError(
+            f"config_version={version} was written by a newer swav-service; this one reads "
+            f"versions up to {CONFIG_VERSION}: upgrade it to read this config"
+        )
+    for step in range(version + 1, CONFIG_VERSION + 1):
+        for old, new in RENAMED_IN.get(step, {}).items():
+            if old not in fields:
+                continue
+            if new in fields:
+                raise ValueError(
+                    f"{old} and {new} are both given: {old} was renamed {new} in config "
+                    f"version {step}; give {new} only"
+                )
+            fields[new] = fields.pop(old)
+    fields["config_version"] = CONFIG_VERSION
+    return fields
+
+
+def renamed_to(name: str) -> str | None:
+    """The current name of a field that `name` was renamed from, if it was."""
+    for renames in RENAMED_IN.values():
+        if name in renames:
+            return renamed_to(renames[name]) or renames[name]
+    return None
