@@ -23,8 +23,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError, validation_error
-from swav_core.config import TrainConfig, preset_names
-from swav_service.models import MAX_INTEGER, Dataset, Worker, utcnow
+from swav_core.config import TrainConfig
+from swav_core.presets import preset_names
+from swav_service.config_limits import exceeded_limits
+from swav_service.models import Dataset, Worker, utcnow
 from swav_service.settings import Settings
 
 if TYPE_CHECKING:
@@ -113,10 +115,10 @@ def plan_job(
         ) from exc
     except ValidationError as exc:
         raise validation_error(exc.errors(), prefix="config", code="invalid_config") from exc
-    if config.epochs > MAX_INTEGER:
-        raise ApiError(
-            422, "invalid_config", f"config.epochs: at most {MAX_INTEGER}", "config.epochs"
-        )
+    over = exceeded_limits(config, settings, dataset.num_images or 0)
+    if over:
+        field = f"config.{over[0].field}"
+        raise ApiError(422, "invalid_config", f"{field}: {over[0].message}", field)
     if stats is not None and not machines:
         reasons["machine"] = (
             f"no live training worker reported a profile; assumed {machine.name}: "

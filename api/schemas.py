@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from swav_core.config import PresetName, TrainConfigOverrides
+from swav_core.config import TrainConfig, TrainConfigOverrides
+from swav_core.presets import PresetName
 from swav_service.models import (
     Checkpoint,
     Dataset,
@@ -195,7 +196,7 @@ class JobPlanPublic(BaseModel):
 
     dry_run: Literal[True] = True
     preset: PresetName
-    config: dict[str, Any] = Field(description="The resolved, complete TrainConfig.")
+    config: TrainConfig = Field(description="The resolved, complete config.")
     reasons: dict[str, str] = Field(description="Why auto chose each field it set.")
     dataset_stats: dict[str, Any] | None
     estimates: list[CostEstimatePublic]
@@ -223,7 +224,7 @@ class JobPublic(PublicModel):
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
-    config: dict[str, Any] = Field(description="The resolved, complete TrainConfig.")
+    config: TrainConfig = Field(description="The resolved, complete config.")
     metadata: dict[str, Any] | None
     compute_seconds: float
     keep_best_by: str | None

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from swav_core.config import config_from
+from swav_core.presets import config_from
 from swav_service.db import make_engine
 from swav_service.models import Dataset, Job, new_id
 

@@ -43,10 +43,10 @@ from PIL import Image
 from sqlalchemy.orm import Session
 
 from swav_core.checkpoint import save_checkpoint
-from swav_core.config import config_from
 from swav_core.embed import embed, preprocess
 from swav_core.exports import load_model
 from swav_core.model import SwAVModel
+from swav_core.presets import config_from
 from swav_service.db import make_engine
 from swav_service.models import Checkpoint, Dataset, Job, new_id
 
@@ -82,7 +82,7 @@ def setup(data_dir: Path, env: dict[str, str]) -> tuple[str, Path]:
         None,
         backbone="resnet18",
         size_crops=(96, 64),
-        nmb_crops=(2, 2),
+        n_crops=(2, 2),
         n_prototypes=100,
         hidden_mlp=512,
     )

@@ -43,9 +43,10 @@ import torch
 import torch.multiprocessing as mp
 
 from swav_core.checkpoint import load_checkpoint
-from swav_core.config import TrainConfig, config_from
+from swav_core.config import TrainConfig
 from swav_core.distributed import free_port, set_spawn_env
 from swav_core.model import SwAVModel
+from swav_core.presets import config_from
 from swav_core.step import swav_step
 from swav_core.synthetic import SHAPES, shape_image, write_shapes_dataset
 from swav_core.trainer import autocast_context, train
@@ -131,7 +132,7 @@ def compute_bound(config: TrainConfig, device: torch.device, steps: int, skip: i
         torch.randn(config.batch_size, 3, size, size, device=device).contiguous(
             memory_format=torch.channels_last
         )
-        for count, size in zip(config.nmb_crops, config.size_crops, strict=True)
+        for count, size in zip(config.n_crops, config.size_crops, strict=True)
         for _ in range(count)
     ]
     autocast = autocast_context(config, device)
@@ -174,7 +175,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 def throughput(args: argparse.Namespace, work: Path) -> bool:
     device = torch.device("cpu") if args.tiny else torch.device("cuda", 0)
     config = paper_config(args)
-    crops = " + ".join(f"{n}x{s}" for n, s in zip(config.nmb_crops, config.size_crops, strict=True))
+    crops = " + ".join(f"{n}x{s}" for n, s in zip(config.n_crops, config.size_crops, strict=True))
     print(f"throughput: {config.backbone}, crops {crops}, batch {config.batch_size}, "
           f"{config.precision}, {config.num_workers} loader workers, {environment(device)}",
           flush=True)

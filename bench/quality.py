@@ -37,13 +37,14 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from swav_core.checkpoint import list_checkpoints  # noqa: E402
-from swav_core.config import TrainConfig, config_from  # noqa: E402
+from swav_core.config import TrainConfig  # noqa: E402
 from swav_core.costs import Machine, measure_machine  # noqa: E402
 from swav_core.embed import embed  # noqa: E402
 from swav_core.evaluate import evaluate_features  # noqa: E402
 from swav_core.exports import load_model  # noqa: E402
 from swav_core.image_folder import scan_image_folder
 from swav_core.images import load_rgb  # noqa: E402
+from swav_core.presets import config_from
 from swav_core.recipe import AUTO, DatasetStats, resolve_config  # noqa: E402
 from swav_core.trainer import train  # noqa: E402
 

@@ -28,12 +28,13 @@ from typing import Any
 
 import torch
 
-from swav_core.config import TrainConfig, config_from
+from swav_core.config import TrainConfig
 from swav_core.data import MultiCropDataset, ShardedEpochSampler, make_loader
 from swav_core.image_folder import scan_image_folder
 from swav_core.loss import swav_loss
 from swav_core.model import SwAVModel
 from swav_core.multicrop import MultiCropTransform
+from swav_core.presets import config_from
 from swav_core.synthetic import SHAPES, shape_image
 from swav_core.trainer import autocast_context, train
 from swav_core.training_state import build_optimizer
@@ -54,7 +55,7 @@ def bench_config(args: argparse.Namespace) -> TrainConfig:
     return config_from(
         None,
         backbone="resnet18",
-        nmb_crops=(2, 4),
+        n_crops=(2, 4),
         size_crops=(96, 64),
         n_prototypes=300,
         batch_size=args.batch,
@@ -94,7 +95,7 @@ def compute_bound(config: TrainConfig, steps: int, skip: int) -> tuple[float, di
     optimizer = build_optimizer(config, model)
     crops = [
         torch.randn(config.batch_size, 3, size, size)
-        for count, size in zip(config.nmb_crops, config.size_crops, strict=True)
+        for count, size in zip(config.n_crops, config.size_crops, strict=True)
         for _ in range(count)
     ]
     autocast = autocast_context(config, torch.device("cpu"))
@@ -184,8 +185,8 @@ def main() -> None:
         / 1024
     )
     report: dict[str, Any] = {
-        "model": f"resnet18 {config.nmb_crops[0]}x{config.size_crops[0]}+"
-        f"{config.nmb_crops[1]}x{config.size_crops[1]} batch {config.batch_size} "
+        "model": f"resnet18 {config.n_crops[0]}x{config.size_crops[0]}+"
+        f"{config.n_crops[1]}x{config.size_crops[1]} batch {config.batch_size} "
         f"{config.precision}, {torch.get_num_threads()} threads, "
         f"{config.num_workers} loader workers, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",

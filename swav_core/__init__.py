@@ -13,7 +13,7 @@ from typing import Any
 # `sinkhorn` and `embed` share their modules' names: import them from those modules.
 _EXPORTS = {
     "TrainConfig": "swav_core.config",
-    "preset_names": "swav_core.config",
+    "preset_names": "swav_core.presets",
     "swav_loss": "swav_core.loss",
     "SwAVModel": "swav_core.model",
     "backbone_names": "swav_core.model",

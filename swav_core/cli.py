@@ -27,13 +27,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from swav_core.checkpoint import load_latest_checkpoint
-from swav_core.config import (
-    TrainConfig,
-    config_from,
-    parse_duration,
-    parse_settings,
-    preset_names,
-)
+from swav_core.config import TrainConfig
+from swav_core.config_parsing import parse_duration, parse_settings
 from swav_core.costs import estimate, measure_machine
 from swav_core.embed import embed
 from swav_core.errors import SwavError
@@ -41,6 +36,7 @@ from swav_core.evaluate import evaluate_model
 from swav_core.exports import export_backbone_safetensors, export_model_safetensors, load_model
 from swav_core.image_folder import scan_image_folder
 from swav_core.images import load_rgb
+from swav_core.presets import config_from, preset_names
 from swav_core.recipe import AUTO, DatasetStats, resolve_config
 from swav_core.spawn import StopFile, spawn
 from swav_core.trainer import TrainResult, train

@@ -40,23 +40,28 @@ def upgraded(stored: Mapping[str, Any]) -> dict[str, Any]:
             f"config_version={version} was written by a newer swav-service; this one reads "
             f"versions up to {CONFIG_VERSION}: upgrade it to read this config"
         )
-    for step in range(version + 1, CONFIG_VERSION + 1):
+    return {**renamed(fields, since=version), "config_version": CONFIG_VERSION}
+
+
+def renamed(fields: Mapping[str, Any], since: int = 1) -> dict[str, Any]:
+    """`fields` with each name renamed after version `since` replaced by its current name
+    (a request or a `--set` may still use an old name)."""
+    out = dict(fields)
+    for step in range(since + 1, CONFIG_VERSION + 1):
         for old, new in RENAMED_IN.get(step, {}).items():
-            if old not in fields:
+            if old not in out:
                 continue
-            if new in fields:
+            if new in out:
                 raise ValueError(
                     f"{old} and {new} are both given: {old} was renamed {new} in config "
                     f"version {step}; give {new} only"
                 )
-            fields[new] = fields.pop(old)
-    fields["config_version"] = CONFIG_VERSION
-    return fields
+            out[new] = out.pop(old)
+    return out
 
 
-def renamed_to(name: str) -> str | None:
-    """The current name of a field that `name` was renamed from, if it was."""
-    for renames in RENAMED_IN.values():
-        if name in renames:
-            return renamed_to(renames[name]) or renames[name]
-    return None
+def current_name(name: str) -> str:
+    """The name field `name` has now (itself unless it was renamed)."""
+    for step in sorted(RENAMED_IN):
+        name = RENAMED_IN[step].get(name, name)
+    return name

@@ -85,7 +85,7 @@ def training_gflops_per_image(config: TrainConfig) -> float:
     largest = config.size_crops[0]
     forward = sum(
         count * backbone_gflops(config.backbone, size, largest)
-        for count, size in zip(config.nmb_crops, config.size_crops, strict=True)
+        for count, size in zip(config.n_crops, config.size_crops, strict=True)
     )
     return TRAIN_FLOPS_PER_FORWARD * forward
 
@@ -102,7 +102,7 @@ def _activation_bytes(config_json: str) -> tuple[int, int]:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        for count, size in zip(config.nmb_crops, config.size_crops, strict=True):
+        for count, size in zip(config.n_crops, config.size_crops, strict=True):
             model.backbone(torch.empty(count, 3, size, size, device="meta"))
     parameters = sum(p.numel() for p in model.parameters())
     return sum(n for _, n in saved.values()), parameters

@@ -81,11 +81,11 @@ def eval_transform(size: int) -> v2.Compose:
 
 
 class MultiCropTransform:
-    """image -> list of crops: nmb_crops[0] at size_crops[0], then the next group, ..."""
+    """image -> list of crops: n_crops[0] at size_crops[0], then the next group, ..."""
 
     def __init__(
         self,
-        nmb_crops: Sequence[int],
+        n_crops: Sequence[int],
         size_crops: Sequence[int],
         min_scale_crops: Sequence[float],
         max_scale_crops: Sequence[float],
@@ -94,7 +94,7 @@ class MultiCropTransform:
         self.transforms = [
             crop_transform(size, low, high, color_jitter_strength)
             for count, size, low, high in zip(
-                nmb_crops, size_crops, min_scale_crops, max_scale_crops, strict=True
+                n_crops, size_crops, min_scale_crops, max_scale_crops, strict=True
             )
             for _ in range(count)
         ]
@@ -102,7 +102,7 @@ class MultiCropTransform:
     @classmethod
     def from_config(cls, config: TrainConfig) -> MultiCropTransform:
         return cls(
-            config.nmb_crops,
+            config.n_crops,
             config.size_crops,
             config.min_scale_crops,
             config.max_scale_crops,

@@ -27,9 +27,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from swav_core.config import TrainConfig, config_from
+from swav_core.config import TrainConfig
 from swav_core.costs import Machine, epochs_in
 from swav_core.image_folder import ImageFolderScan
+from swav_core.presets import config_from
 
 # Backbones from the cheapest up, per device; the recipe takes the last that fits.
 CPU_BACKBONES = ("small_resnet10_w16", "small_resnet10_w32", "small_resnet10_w64")
@@ -155,7 +156,7 @@ def auto_recipe(
         "2 + 6 crops as the paper on a GPU" if gpu else
         "2 + 2 crops on a CPU: 6 small crops cost 1.6x the step for +0.02 kNN (MNIST), "
         "fewer epochs in a budget",
-        nmb_crops=(2, 6 if gpu else 2),
+        n_crops=(2, 6 if gpu else 2),
     )
     scales = PAPER_SCALES if large >= PAPER_SCALE_CROP else MILD_SCALES
     c.set(

@@ -25,7 +25,7 @@ class ConfigLimit:
     field: str
     setting: str
     what: str  # the measured quantity, as the message names it
-    measure: Callable[[TrainConfig, int], int | float]  # (config, total steps)
+    measure: Callable[[TrainConfig, int], int | float]  # (config, total steps) -> value
 
 
 def checkpoints_written(config: TrainConfig, total_steps: int) -> int:
@@ -39,10 +39,10 @@ def checkpoints_written(config: TrainConfig, total_steps: int) -> int:
 LIMITS: tuple[ConfigLimit, ...] = (
     ConfigLimit("size_crops", "max_crop_px", "a crop side of {value} px",
                 lambda c, _: max(c.size_crops)),
-    ConfigLimit("nmb_crops", "max_crops", "{value} crops per image",
-                lambda c, _: sum(c.nmb_crops)),
-    ConfigLimit("nmb_crops", "max_crop_groups", "{value} crop resolutions",
-                lambda c, _: len(c.nmb_crops)),
+    ConfigLimit("n_crops", "max_crops", "{value} crops per image",
+                lambda c, _: sum(c.n_crops)),
+    ConfigLimit("n_crops", "max_crop_groups", "{value} crop resolutions",
+                lambda c, _: len(c.n_crops)),
     ConfigLimit("batch_size", "max_batch_size", "a batch of {value} images",
                 lambda c, _: c.batch_size),
     ConfigLimit("n_prototypes", "max_prototypes", "{value} prototypes",
@@ -78,10 +78,11 @@ def limit_value(settings: Settings, limit: ConfigLimit) -> int:
 
 
 def exceeded_limits(
-    config: TrainConfig, settings: Settings, total_steps: int
+    config: TrainConfig, settings: Settings, num_images: int
 ) -> list[LimitExceeded]:
-    """Each bound `config` exceeds, for a run of `total_steps`, with a message naming the
+    """Each bound `config` exceeds on a dataset of `num_images`, with a message naming the
     field, the value, the limit and the setting that raises it."""
+    total_steps = config.epochs * max(1, num_images // config.batch_size)
     out = []
     for limit in LIMITS:
         value, bound = limit.measure(config, total_steps), limit_value(settings, limit)

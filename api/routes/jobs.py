@@ -219,7 +219,7 @@ def plan_only(payload: JobCreate, session: Session, settings: Any, tenant: str) 
     plan = plan_job(session, settings, dataset, payload.preset, payload.overrides(), gpus, nodes)
     return JobPlanPublic(
         preset=plan.preset,
-        config=plan.config.model_dump(mode="json"),
+        config=plan.config,
         reasons=plan.reasons,
         dataset_stats=_stats(plan),
         estimates=[

@@ -19,7 +19,7 @@ from swav_client.commands.options import (
     reports_errors,
 )
 from swav_client.types import Job
-from swav_core.config import parse_duration, parse_settings
+from swav_core.config_parsing import parse_duration, parse_settings
 from swav_core.errors import ConfigError
 
 app = typer.Typer(help="Submit, follow and control training jobs.", no_args_is_help=True)

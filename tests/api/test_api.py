@@ -44,7 +44,7 @@ _ENGINES: dict[str, Engine] = {}
 
 @pytest.fixture(scope="module")
 def api_env() -> dict[str, str]:
-    return {"SWAV_POLL_INTERVAL_S": "0.05"}
+    return {"SWAV_POLL_INTERVAL_S": "0.05", "SWAV_MAX_NUM_WORKERS": "8"}
 
 
 @pytest.fixture(scope="module")
@@ -196,8 +196,10 @@ def test_openapi_documents_every_config_field_bound_preset_and_status(
     client: httpx.Client,
 ) -> None:
     """Generated clients see the whole contract: every TrainConfig field with its
-    description and bounds, the presets and the statuses, read from /openapi.json."""
-    from swav_core.config import PRESETS, TrainConfig
+    description and bounds, the presets and the statuses, read from /openapi.json; a job
+    answers its config as the full TrainConfig, version included."""
+    from swav_core.config import SETTABLE_FIELDS, TrainConfig
+    from swav_core.presets import PRESETS
     from swav_service.models import DATASET_STATUSES, JOB_STATUSES
 
     spec = client.get("/openapi.json").json()
@@ -205,9 +207,13 @@ def test_openapi_documents_every_config_field_bound_preset_and_status(
     job_create = schemas["JobCreate"]["properties"]
     config = _resolved(spec, job_create["config"])
     assert config.get("additionalProperties") is False
-    assert set(config["properties"]) == set(TrainConfig.model_fields)
+    assert set(config["properties"]) == set(SETTABLE_FIELDS)
+    assert set(TrainConfig.model_fields) == {*SETTABLE_FIELDS, "config_version"}
+    shown = _resolved(spec, schemas["JobPublic"]["properties"]["config"])
+    assert set(shown["properties"]) == set(TrainConfig.model_fields)
     bounds_seen = 0
-    for name, info in TrainConfig.model_fields.items():
+    for name in SETTABLE_FIELDS:
+        info = TrainConfig.model_fields[name]
         documented = config["properties"][name]
         assert documented.get("description") == info.description, name
         value_schema = _non_null(documented)
@@ -463,7 +469,24 @@ def test_broker_down(pg_service: Service) -> None:
         ({"preset": "cpu-tiny", "config": {"queue_length": 100}}, "config.queue_length", "96"),
         ({"config": {"learning_rate": 0.1}}, "config.learning_rate", "unknown field"),
         ({"preset": "huge"}, "preset", "cpu-tiny"),
-        ({"config": {"nmb_crops": [2, 6], "size_crops": [224]}}, "config.size_crops", "1 entries"),
+        ({"config": {"n_crops": [2, 6], "size_crops": [224]}}, "config.size_crops", "1 entries"),
+        # What a deployment allows (swav_service/config_limits.py), each with its setting.
+        ({"preset": "cpu-tiny", "config": {"size_crops": [8192, 24]}}, "config.size_crops",
+         "a crop side of 8192 px is more than this deployment allows (at most 1024; the "
+         "setting SWAV_MAX_CROP_PX)"),
+        ({"preset": "cpu-tiny", "config": {"num_workers": 9}}, "config.num_workers",
+         "(at most 8; the setting SWAV_MAX_NUM_WORKERS)"),
+        ({"preset": "cpu-tiny", "config": {"epochs": 2**31}}, "config.epochs",
+         "SWAV_MAX_TOTAL_STEPS"),
+        ({"preset": "cpu-tiny", "config": {"epochs": 30_000_000}}, "config.epochs",
+         "120000000 steps in all"),  # 128 images / batch 32 = 4 steps per epoch
+        ({"preset": "cpu-tiny", "config": {"n_crops": [2, 40], "size_crops": [32, 24],
+          "min_scale_crops": [0.4, 0.2], "max_scale_crops": [1.0, 0.5]}}, "config.n_crops",
+         "42 crops per image"),
+        ({"preset": "cpu-tiny", "config": {"checkpoint_every_steps": 1, "epochs": 5000}},
+         "config.checkpoint_every_steps", "SWAV_MAX_CHECKPOINTS_PER_JOB"),
+        ({"preset": "cpu-tiny", "config": {"sinkhorn_iterations": 10_000}},
+         "config.sinkhorn_iterations", "SWAV_MAX_SINKHORN_ITERATIONS"),
     ],
 )
 def test_invalid_config_is_422(
@@ -475,6 +498,15 @@ def test_invalid_config_is_422(
     assert message.startswith(f"{param}: ") and phrase in message
     with db(api) as session:
         assert session.scalar(select(func.count()).where(Job.dataset_id == dataset_id)) == 0
+
+
+def test_a_config_at_the_deployments_limit_is_accepted(api: Service, client: httpx.Client) -> None:
+    """The bound is the setting's value (SWAV_MAX_NUM_WORKERS=8 in this module), inclusive."""
+    body = {"dataset_id": add_dataset(api), "preset": "cpu-tiny", "dry_run": True,
+            "config": {"num_workers": 8, "size_crops": [1024, 24]}}
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["config"]["num_workers"] == 8
 
 
 def test_invalid_job_requests(api: Service, client: httpx.Client) -> None:
@@ -503,7 +535,7 @@ def test_invalid_job_requests(api: Service, client: httpx.Client) -> None:
 
 
 def test_create_job(api: Service, client: httpx.Client) -> None:
-    from swav_core.config import config_from
+    from swav_core.presets import config_from
 
     dataset_id = add_dataset(api)
     before = broker_length(api, "train")
@@ -520,6 +552,20 @@ def test_create_job(api: Service, client: httpx.Client) -> None:
     assert [(e["seq"], e["type"], e["data"]) for e in events["data"]] == [
         (1, "state", {"status": "queued"})
     ]
+
+
+def test_a_job_stored_before_a_config_rename_is_shown_with_the_new_name(
+    api: Service, client: httpx.Client
+) -> None:
+    """A config written by version 1 (`nmb_crops`, no `config_version`) reads as the current
+    version: the row is not migrated, the API answers the current names."""
+    job = create_job(client, add_dataset(api))
+    stored = {k: v for k, v in job["config"].items() if k != "config_version"}
+    stored["nmb_crops"] = stored.pop("n_crops")
+    set_job(api, job["id"], config=stored)
+    shown = client.get(f"/v1/jobs/{job['id']}").json()["config"]
+    assert shown == job["config"]
+    assert (shown["config_version"], shown["n_crops"]) == (2, [2, 2])
 
 
 def test_idempotency_key(api: Service, client: httpx.Client) -> None:
@@ -713,8 +759,9 @@ def test_checkpoint_downloads(api: Service, client: httpx.Client, tmp_path: Path
     from safetensors.torch import load as load_safetensors
 
     from swav_core.checkpoint import save_checkpoint
-    from swav_core.config import TrainConfig, config_from
+    from swav_core.config import TrainConfig
     from swav_core.model import SwAVModel
+    from swav_core.presets import config_from
 
     settings = settings_of(api)
     job_id = create_job(client, add_dataset(api))["id"]

@@ -27,11 +27,11 @@ from PIL import Image
 from sqlalchemy.orm import Session
 
 from swav_core.checkpoint import save_checkpoint
-from swav_core.config import config_from
 from swav_core.embed import embed
 from swav_core.exports import load_model
 from swav_core.images import load_rgb
 from swav_core.model import SwAVModel
+from swav_core.presets import config_from
 from swav_service.models import Checkpoint, Dataset, Job, new_id
 from tests.api.conftest import Deployment
 from tests.conftest import Service

@@ -34,8 +34,8 @@ import torch
 from sqlalchemy.orm import Session
 
 from swav_core.checkpoint import save_checkpoint
-from swav_core.config import config_from
 from swav_core.model import SwAVModel
+from swav_core.presets import config_from
 from swav_service.db import make_engine
 from swav_service.models import Checkpoint, Dataset, EmbeddingJob, Job, new_id
 from tests.conftest import BIN, Service, create_database, drop_database, migrate, service_env

@@ -17,7 +17,7 @@ from swav_core.budget import (
     fitted_steps,
 )
 from swav_core.checkpoint import list_checkpoints, load_checkpoint
-from swav_core.config import config_from
+from swav_core.presets import config_from
 from swav_core.trainer import train
 
 

@@ -28,10 +28,10 @@ from swav_core.checkpoint import (
     sidecar_path,
     verify_checkpoint,
 )
-from swav_core.config import config_from
 from swav_core.errors import CheckpointError
 from swav_core.exports import model_from_checkpoint
 from swav_core.model import SwAVModel
+from swav_core.presets import config_from
 from swav_core.queue import FeatureQueue
 from swav_core.rng_state import capture_rng_state
 

@@ -13,9 +13,9 @@ from PIL import Image
 
 from swav_core.checkpoint import list_checkpoints, load_checkpoint
 from swav_core.collapse import MAX_RECOVERIES, CollapseMonitor, looks_collapsed
-from swav_core.config import config_from
 from swav_core.errors import CollapsedError
 from swav_core.loss import CollapseDiagnostics
+from swav_core.presets import config_from
 from swav_core.trainer import train
 
 K = 16

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from swav_core.config import TrainConfig, config_from, preset_names
+from swav_core.config import TrainConfig
+from swav_core.presets import config_from, preset_names
 from tests.core.conftest import assert_unknown_name_lists_known
 
 
@@ -37,14 +38,14 @@ def test_mismatched_crop_list_lengths(field: str, value: tuple) -> None:
     msg = error["msg"]
     assert field in msg
     assert f"{len(value)} entries" in msg  # the value given
-    assert "nmb_crops=[2, 6]" in msg
+    assert "n_crops=[2, 6]" in msg
     assert "one value per resolution group" in msg  # the fix
 
 
 def test_mismatched_lengths_with_more_groups_given_explicitly() -> None:
     with pytest.raises(ValidationError) as excinfo:
         TrainConfig(
-            nmb_crops=(2, 2, 2),
+            n_crops=(2, 2, 2),
             size_crops=(224, 96),
             min_scale_crops=(0.14, 0.05),
             max_scale_crops=(1.0, 0.14),
@@ -55,9 +56,9 @@ def test_mismatched_lengths_with_more_groups_given_explicitly() -> None:
 
 
 
-def test_nmb_crops_checked_against_default_crop_lists() -> None:
+def test_n_crops_checked_against_default_crop_lists() -> None:
     with pytest.raises(ValidationError) as excinfo:
-        TrainConfig(nmb_crops=(2, 2, 2))
+        TrainConfig(n_crops=(2, 2, 2))
     locs = {e["loc"] for e in excinfo.value.errors()}
     assert locs == {("size_crops",), ("min_scale_crops",), ("max_scale_crops",)}
 
@@ -124,16 +125,16 @@ def test_max_scale_below_min_scale() -> None:
     assert ">= its min" in error["msg"]
 
 
-def test_nmb_crops_needs_two_crops() -> None:
+def test_n_crops_needs_two_crops() -> None:
     error, _ = single_error(
-        nmb_crops=(1,),
+        n_crops=(1,),
         size_crops=(224,),
         min_scale_crops=(0.14,),
         max_scale_crops=(1.0,),
         crops_for_assign=(0,),
     )
-    assert error["loc"] == ("nmb_crops",)
-    assert "nmb_crops=[1]" in error["msg"]
+    assert error["loc"] == ("n_crops",)
+    assert "n_crops=[1]" in error["msg"]
     assert "at least 2 crops" in error["msg"]
 
 
@@ -200,7 +201,7 @@ def test_small_batch_preset() -> None:
 
 def test_imagenet_800ep_preset() -> None:
     config = config_from("imagenet-800ep")
-    assert config.nmb_crops == (2, 6)
+    assert config.n_crops == (2, 6)
     assert config.size_crops == (224, 96)
     assert config.total_crops == 8
     assert config.batch_size == 4096
@@ -228,7 +229,7 @@ def test_defaults_are_the_papers() -> None:
     assert config.temperature == 0.1
     assert config.epsilon == 0.05
     assert config.sinkhorn_iterations == 3
-    assert config.nmb_crops == (2, 6)
+    assert config.n_crops == (2, 6)
     assert config.size_crops == (224, 96)
     assert config.min_scale_crops == (0.14, 0.05)
     assert config.max_scale_crops == (1.0, 0.14)
@@ -240,7 +241,7 @@ def test_defaults_are_the_papers() -> None:
 def test_preset_names_of_the_contract_are_the_presets_and_auto() -> None:
     from typing import get_args
 
-    from swav_core.config import PRESETS, PresetName
+    from swav_core.presets import PRESETS, PresetName
 
     assert set(get_args(PresetName)) == {"auto", *PRESETS}
 

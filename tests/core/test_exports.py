@@ -13,7 +13,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from swav_core.config import config_from
 from swav_core.embed import embed
 from swav_core.errors import CheckpointError
 from swav_core.exports import (
@@ -23,6 +22,7 @@ from swav_core.exports import (
     model_from_checkpoint,
 )
 from swav_core.model import SwAVModel
+from swav_core.presets import config_from
 
 
 def model_state() -> dict[str, Any]:

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from swav_core.config import config_from
 from swav_core.lars import LARS, parameter_groups
 from swav_core.model import SwAVModel
+from swav_core.presets import config_from
 from swav_core.training_state import build_optimizer
 
 

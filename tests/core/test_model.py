@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from swav_core.config import config_from
 from swav_core.model import (
     SwAVModel,
     backbone_names,
@@ -14,6 +13,7 @@ from swav_core.model import (
     projection_head,
     resolution_groups,
 )
+from swav_core.presets import config_from
 from tests.core.conftest import assert_unknown_name_lists_known
 
 EXPECTED_FEATURES = {

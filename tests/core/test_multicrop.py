@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from swav_core.config import config_from
 from swav_core.multicrop import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -16,6 +15,7 @@ from swav_core.multicrop import (
     eval_transform,
     to_rgb_image,
 )
+from swav_core.presets import config_from
 
 LOW = torch.tensor([(0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)])
 HIGH = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)])
@@ -48,7 +48,7 @@ def test_from_config_preset() -> None:
     out = MultiCropTransform.from_config(config)(rgb_image())
     assert len(out) == config.total_crops
     expected = [
-        s for n, s in zip(config.nmb_crops, config.size_crops, strict=True) for _ in range(n)
+        s for n, s in zip(config.n_crops, config.size_crops, strict=True) for _ in range(n)
     ]
     assert [c.shape[-1] for c in out] == expected
     assert [c.shape[-2] for c in out] == expected

@@ -32,7 +32,7 @@ def test_resnet_flops_match_the_published_counts() -> None:
 def test_small_image_recipe_on_a_cpu() -> None:
     recipe = auto_recipe(MNIST, CPU, budget_s=600)
     config = recipe.config()
-    assert config.size_crops == (28, 24) and config.nmb_crops == (2, 2)
+    assert config.size_crops == (28, 24) and config.n_crops == (2, 2)
     assert config.min_scale_crops == (0.5, 0.3) and config.max_scale_crops == (1.0, 0.6)
     assert config.n_prototypes == 100  # 10 per class
     assert config.color_jitter_strength == 0.5  # grayscale
@@ -44,7 +44,7 @@ def test_small_image_recipe_on_a_cpu() -> None:
 
 def test_large_photos_on_a_gpu_get_the_paper_crops_and_resnet50() -> None:
     config = auto_recipe(PHOTOS, GPU, ranks=8, budget_s=6 * 3600).config()
-    assert config.size_crops == (224, 96) and config.nmb_crops == (2, 6)
+    assert config.size_crops == (224, 96) and config.n_crops == (2, 6)
     assert config.min_scale_crops == (0.14, 0.05) and config.max_scale_crops == (1.0, 0.14)
     assert config.backbone == "resnet50"
     assert config.n_prototypes == 400  # one per 50 images, no classes

@@ -1,4 +1,4 @@
-"""`--set key=value`: one parser (`swav_core.config.parse_settings`) for `swav-train` and
+"""`--set key=value`: one parser (`swav_core.config_parsing.parse_settings`) for `swav-train` and
 `swav jobs submit`, values read as their TrainConfig field's type.
 
 Before, `swav-train --set size_crops=32,24` gave a list while `swav jobs submit` sent the
@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from swav_client import SwavClient
 from swav_client import cli as client_cli
 from swav_client.commands.options import Options
-from swav_core.config import parse_settings
+from swav_core.config_parsing import parse_settings
 from swav_core.errors import ConfigError
 
 PAIRS = ["size_crops=32,24", "epochs=3", "precision=bf16", "checkpoint_at_start=true",
@@ -77,7 +77,7 @@ def test_both_commands_parse_the_same(
 @pytest.mark.parametrize(
     ("pair", "value"),
     [
-        ("nmb_crops=[2, 6]", [2, 6]),  # the JSON-like form the old parsers took
+        ("n_crops=[2, 6]", [2, 6]),  # the JSON-like form the old parsers took
         ("min_scale_crops=0.4,0.2", [0.4, 0.2]),
         ("size_crops=32", [32]),
         ("base_lr=1e-3", 0.001),
@@ -98,7 +98,7 @@ def test_values_take_their_field_type(pair: str, value: Any) -> None:
     ("pair", "message"),
     [
         ("size_crop=32,24", "--set size_crop=32,24: unknown key 'size_crop'; did you mean "
-                            "size_crops?"),
+                            "size_crops or n_crops?"),
         ("bogus=1", "--set bogus=1: unknown key 'bogus'; not a TrainConfig field"),
         ("epochs=3.5", "--set epochs=3.5: expected an integer, e.g. 10"),
         ("size_crops=big,small", "--set size_crops=big,small: expected integers separated "
@@ -121,7 +121,8 @@ def test_client_reports_a_bad_setting_as_a_usage_error() -> None:
                                                  "--dataset", "ds_0", "--set", "size_crop=32"])
     assert result.exit_code == 2
     text = " ".join(result.output.replace("│", " ").split())  # typer wraps it in a box
-    assert "--set size_crop=32: unknown key 'size_crop'; did you mean size_crops?" in text
+    assert ("--set size_crop=32: unknown key 'size_crop'; did you mean size_crops or n_crops?"
+            in text)
 
 
 def test_the_client_imports_no_torch() -> None:

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from swav_core.checkpoint import list_checkpoints, load_checkpoint
-from swav_core.config import config_from
 from swav_core.model import SwAVModel
+from swav_core.presets import config_from
 from swav_core.queue import FeatureQueue
 from swav_core.sinkhorn import sinkhorn
 from swav_core.step import swav_step

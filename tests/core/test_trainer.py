@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from swav_core.checkpoint import list_checkpoints, load_checkpoint
-from swav_core.config import TrainConfig, config_from
+from swav_core.config import TrainConfig
 from swav_core.errors import ConfigError, NonFiniteLossError
 from swav_core.model import SwAVModel
+from swav_core.presets import config_from
 from swav_core.spawn import spawn
 from swav_core.trainer import train
 

@@ -20,9 +20,9 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from swav_core.checkpoint import save_checkpoint
-from swav_core.config import config_from
 from swav_core.image_folder import scan_image_folder
 from swav_core.model import SwAVModel
+from swav_core.presets import config_from
 from swav_core.synthetic import write_shapes_dataset
 from swav_service.db import make_engine
 from swav_service.models import Checkpoint, Dataset, EmbeddingJob, Job, new_id
