@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,18 @@ class Service:
         )
 
 
+@contextmanager
+def migrated_service(env: dict[str, str], data_dir: Path) -> Iterator[Service]:
+    """A Service on a migrated database; its processes are stopped at the end."""
+    data_dir.mkdir()
+    migrate(env)
+    service = Service(env, data_dir)
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
 @pytest.fixture
 def pg_service(tmp_path: Path) -> Iterator[Service]:
     """PostgreSQL (a fresh database, migrated) + Redis (a db number and queue names of
@@ -188,24 +201,15 @@ def pg_service(tmp_path: Path) -> Iterator[Service]:
     env = service_env(tmp_path / "data", url, f"{REDIS_URL}/{redis_db}")
     suffix = secrets.token_hex(4)
     env |= {"SWAV_TRAIN_QUEUE": f"train-{suffix}", "SWAV_SHORT_QUEUE": f"short-{suffix}"}
-    (tmp_path / "data").mkdir()
-    migrate(env)
-    service = Service(env, tmp_path / "data")
     try:
-        yield service
+        with migrated_service(env, tmp_path / "data") as service:
+            yield service
     finally:
-        service.stop()
         drop_database(url)
 
 
 @pytest.fixture
 def embedded_service(tmp_path: Path) -> Iterator[Service]:
     """SQLite + Celery's filesystem transport under one data directory."""
-    env = service_env(tmp_path / "data", None, None)
-    (tmp_path / "data").mkdir()
-    migrate(env)
-    service = Service(env, tmp_path / "data")
-    try:
+    with migrated_service(service_env(tmp_path / "data", None, None), tmp_path / "data") as service:
         yield service
-    finally:
-        service.stop()
