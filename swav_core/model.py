@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from swav_core.backbone_names import SMALL_RESNETS, TORCHVISION_RESNETS
 from swav_core.config import TrainConfig
 
 
@@ -123,22 +124,8 @@ def _small_resnet(width: int, blocks: tuple[int, ...]) -> Callable[[int], nn.Mod
 
 _BACKBONES: dict[str, Callable[[int], nn.Module]] = {
     "tiny_cnn": lambda input_size: TinyCNN(),
-    **{
-        name: _torchvision_resnet(name)
-        for name in (
-            "resnet18",
-            "resnet34",
-            "resnet50",
-            "resnet101",
-            "wide_resnet50_2",
-            "wide_resnet101_2",
-        )
-    },
-    **{
-        f"small_resnet{depth}_w{width}": _small_resnet(width, blocks)
-        for depth, blocks in ((10, (1, 1, 1, 1)), (18, (2, 2, 2, 2)))
-        for width in (16, 32, 64)
-    },
+    **{name: _torchvision_resnet(name) for name in TORCHVISION_RESNETS},
+    **{name: _small_resnet(*shape) for name, shape in SMALL_RESNETS.items()},
 }
 
 

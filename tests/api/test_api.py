@@ -470,6 +470,8 @@ def test_broker_down(pg_service: Service) -> None:
         ({"config": {"learning_rate": 0.1}}, "config.learning_rate", "unknown field"),
         ({"preset": "huge"}, "preset", "cpu-tiny"),
         ({"config": {"n_crops": [2, 6], "size_crops": [224]}}, "config.size_crops", "1 entries"),
+        ({"preset": "cpu-tiny", "config": {"backbone": "resnet5"}}, "config.backbone",
+         "unknown backbone 'resnet5'; did you mean resnet50"),
         # What a deployment allows (swav_service/config_limits.py), each with its setting.
         ({"preset": "cpu-tiny", "config": {"size_crops": [8192, 24]}}, "config.size_crops",
          "a crop side of 8192 px is more than this deployment allows (at most 1024; the "

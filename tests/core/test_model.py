@@ -166,3 +166,11 @@ def test_head_and_scores_stay_fp32_under_bf16_autocast() -> None:
     assert z.dtype == torch.float32 and scores.dtype == torch.float32
     # fp32 z: unit norm to fp32 precision (bf16 rows would be off by ~1e-3)
     torch.testing.assert_close(z.norm(dim=1), torch.ones(12), rtol=0, atol=1e-6)
+
+
+def test_every_listed_backbone_is_built_and_nothing_else() -> None:
+    """The API checks names against swav_core/backbone_names.py without importing torch."""
+    from swav_core.backbone_names import BACKBONES
+    from swav_core.model import backbone_names
+
+    assert backbone_names() == list(BACKBONES)
