@@ -1,11 +1,7 @@
 """Crash-safe training checkpoints: atomic saves with sha256 sidecars, verified loads, pruning.
 
-Layout of a run directory::
-
-    run_dir/checkpoints/step-000001200.pt          torch.save of the training state
-    run_dir/checkpoints/step-000001200.pt.sha256   JSON sidecar: sha256, size, step
-    run_dir/checkpoints/final.pt (+ .sha256)       the state at the end of training
-    run_dir/checkpoints/step-000001200.pt.keep     a pin: pruning leaves this checkpoint
+The files' names (a checkpoint, its sidecar, final.pt, pins) are in
+swav_core/checkpoint_names.py, which the service shares without importing torch.
 
 Every file is written to a temporary name in the same folder, fsynced, renamed over its
 final name, and the folder is fsynced: a reader sees the old file or the new one, never a
@@ -36,14 +32,16 @@ from typing import IO, Any
 import torch
 
 from swav_core.atomic import atomic_write_bytes, atomic_writer
+from swav_core.checkpoint_names import (
+    FINAL_NAME,
+    PIN_SUFFIX,
+    SIDECAR_SUFFIX,
+    checkpoint_dir,
+    sidecar_path,
+)
 from swav_core.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoints"
-FINAL_NAME = "final.pt"
-SIDECAR_SUFFIX = ".sha256"
-PIN_SUFFIX = ".keep"
 
 _STEP_NAME = re.compile(r"^step-(\d+)\.pt$")
 _TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]+$")
@@ -64,14 +62,6 @@ class CheckpointInfo:
     sha256: str | None
     size: int | None
     final: bool
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR
-
-
-def sidecar_path(path: Path) -> Path:
-    return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
 # --------------------------------------------------------------------------- atomic files

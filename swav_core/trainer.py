@@ -29,8 +29,8 @@ from swav_core.checkpoint import (
     load_checkpoint,
     load_latest_checkpoint,
     save_checkpoint,
-    sidecar_path,
 )
+from swav_core.checkpoint_names import sidecar_path
 from swav_core.collapse import (
     MAX_RECOVERIES,
     CollapseMonitor,

@@ -10,7 +10,7 @@ and names from here instead of repeating them:
         embeddings.npy                       N x D float32 rows
         index.json                           the N image paths, row i is the image at [i]
 
-A checkpoint's JSON sidecar (sha256, size, step) sits beside it with `SIDECAR_SUFFIX`.
+Inside a run folder, the checkpoints are named as swav_core/checkpoint_names.py says.
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ from swav_service.settings import Settings
 
 EMBEDDINGS_FILE = "embeddings.npy"
 INDEX_FILE = "index.json"
-# swav_core.checkpoint's suffix, repeated because importing it would import torch here;
-# tests/service/test_layout.py checks that the two agree.
-SIDECAR_SUFFIX = ".sha256"
 
 
 def dataset_images_dir(settings: Settings, dataset_id: str) -> Path:
@@ -39,8 +36,3 @@ def job_run_dir(settings: Settings, job_id: str) -> Path:
 def embeddings_dir(settings: Settings, embedding_job_id: str) -> Path:
     """The folder of a batch embedding job's `EMBEDDINGS_FILE` and `INDEX_FILE`."""
     return settings.artifacts / "embeddings" / embedding_job_id
-
-
-def sidecar(path: Path) -> Path:
-    """A checkpoint's JSON sidecar (sha256, size, step), as swav_core.checkpoint names it."""
-    return path.with_name(path.name + SIDECAR_SUFFIX)

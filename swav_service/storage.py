@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from swav_core.atomic import atomic_writer
-from swav_service.layout import SIDECAR_SUFFIX
+from swav_core.checkpoint_names import SIDECAR_SUFFIX
 from swav_service.settings import Settings
 
 CHUNK_BYTES = 1024 * 1024

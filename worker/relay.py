@@ -19,10 +19,10 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from swav_core.checkpoint_names import sidecar_path
 from swav_service.db import session_scope
 from swav_service.dispatch import enqueue_evaluation
 from swav_service.job_state import append_event
-from swav_service.layout import sidecar
 from swav_service.models import Checkpoint, Dataset, Job, new_id, utcnow
 from swav_service.settings import Settings
 from swav_service.storage import ArtifactStore, StorageError
@@ -136,7 +136,7 @@ class Relay:
 
     def _upload(self, path: Path) -> None:
         if self.store is not None:
-            self.store.upload(sidecar(path))  # first, as the trainer commits them
+            self.store.upload(sidecar_path(path))  # first, as the trainer commits them
             self.store.upload(path)
 
     def _delete_pruned(self) -> None:
@@ -144,7 +144,7 @@ class Relay:
         while self.pruned and self.store is not None:
             path = self.pruned.pop()
             try:
-                self.store.delete(sidecar(path))
+                self.store.delete(sidecar_path(path))
                 self.store.delete(path)
             except StorageError as error:
                 log.warning("job %s: %s", self.job_id, error)

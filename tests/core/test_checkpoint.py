@@ -18,16 +18,15 @@ import torch
 from swav_core.atomic import atomic_write_bytes
 from swav_core.checkpoint import (
     CheckpointInfo,
-    checkpoint_dir,
     list_checkpoints,
     load_checkpoint,
     load_latest_checkpoint,
     prune_checkpoints,
     save_checkpoint,
     set_pinned,
-    sidecar_path,
     verify_checkpoint,
 )
+from swav_core.checkpoint_names import checkpoint_dir, sidecar_path
 from swav_core.errors import CheckpointError
 from swav_core.exports import model_from_checkpoint
 from swav_core.model import SwAVModel
