@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -39,24 +39,36 @@ def unauthorized() -> ApiError:
     )
 
 
-def get_tenant(
-    settings: Annotated[Settings, Depends(get_settings)],
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> str:
-    """The tenant that owns what the request reads and creates: the API key's tenant.
+def tenant_of(settings: Settings, authorization: str | None) -> str:
+    """The tenant of the `Authorization: Bearer <key>` header's key, or the 401.
 
     With `SWAV_AUTH_ENABLED=false` every request is tenant "local". The key is looked up
     in a short session of its own, so no connection is held while a request streams.
     """
     if not settings.auth_enabled:
         return LOCAL_TENANT
-    if credentials is None:
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
         raise unauthorized()
     with get_sessionmaker()() as session:
-        tenant = authenticate(session, credentials.credentials)
+        tenant = authenticate(session, key.strip())
     if tenant is None:
         raise unauthorized()
     return tenant
+
+
+def get_tenant(
+    request: Request,
+    settings: Annotated[Settings, Depends(get_settings)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> str:
+    """The tenant that owns what the request reads and creates: the API key's tenant, as
+    api/request_guard.py found it before the body was read (looked up here otherwise).
+    `credentials` declares the scheme in /openapi.json."""
+    tenant = getattr(request.state, "tenant", None)
+    if isinstance(tenant, str):
+        return tenant
+    return tenant_of(settings, request.headers.get("authorization"))
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

@@ -9,6 +9,7 @@ from api.deps import get_tenant
 from api.errors import register_error_handlers
 from api.metrics import install_metrics
 from api.openapi import build_openapi
+from api.request_guard import RequestGuard
 from api.routes import (
     checkpoints,
     datasets,
@@ -52,5 +53,6 @@ def create_app() -> FastAPI:
     for module in (datasets, jobs, events, checkpoints, embeddings, embedding_jobs, explorer):
         app.include_router(module.router, dependencies=authenticated)
     register_error_handlers(app)
+    app.add_middleware(RequestGuard)  # the key, then the body's size and numbers
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app

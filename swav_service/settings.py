@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     s3_access_key_id: str | None = Field(None, description="Default: boto3's credential chain.")
     s3_secret_access_key: SecretStr | None = Field(None, description="With s3_access_key_id.")
 
+    max_json_body_bytes: int = Field(
+        1024**2, ge=1024, description="A JSON request body (413); uploads and images have theirs."
+    )
+
     # What one job's config may ask for (swav_service/config_limits.py; 422 at submit).
     max_crop_px: int = Field(1024, ge=1, description="Largest crop side, px (size_crops).")
     max_crops: int = Field(32, ge=1, description="Crops per image, all resolutions.")

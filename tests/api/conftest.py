@@ -74,3 +74,18 @@ def deployment(
         service.stop()
         engine.dispose()
         drop_database(url)
+
+
+ENVELOPE_KEYS = {"code", "message", "param"}
+
+
+def assert_error(response: httpx.Response, status: int, code: str, param: str | None = None) -> str:
+    """The response is `status` with exactly the error envelope; returns its message."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == ENVELOPE_KEYS, body
+    assert body["error"]["code"] == code, body
+    assert body["error"]["param"] == param, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
+    return str(body["error"]["message"])

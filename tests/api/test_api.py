@@ -32,10 +32,9 @@ from swav_service.db import make_engine
 from swav_service.job_state import append_event, change_status
 from swav_service.models import Checkpoint, Dataset, Job, new_id
 from swav_service.settings import Settings
-from tests.api.conftest import Deployment
+from tests.api.conftest import Deployment, assert_error
 from tests.conftest import Service
 
-ENVELOPE_KEYS = {"code", "message", "param"}
 _ENGINES: dict[str, Engine] = {}
 
 
@@ -132,16 +131,6 @@ def zip_bytes(marker: bytes = b"") -> bytes:
     return buffer.getvalue()
 
 
-def assert_error(response: httpx.Response, status: int, code: str, param: str | None = None) -> str:
-    """The response is `status` with exactly the error envelope; returns its message."""
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == ENVELOPE_KEYS, body
-    assert body["error"]["code"] == code, body
-    assert body["error"]["param"] == param, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
-    return str(body["error"]["message"])
 
 
 def multipart_body(parts: list[tuple[str, str | None, bytes]], boundary: str) -> bytes:

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from api.limits import human_bytes
 from swav_service.models import ApiKey, Checkpoint, Dataset, EmbeddingJob, Job, new_id
-from tests.api.conftest import Deployment
+from tests.api.conftest import Deployment, assert_error
 from tests.conftest import Service
 
 LIMITS = {
@@ -61,12 +61,6 @@ def db(deployment: Deployment) -> Iterator[Session]:
         session.commit()
 
 
-def assert_error(response: httpx.Response, status: int, code: str, param: str | None) -> str:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "param"}, body
-    assert (body["error"]["code"], body["error"]["param"]) == (code, param), body
-    return str(body["error"]["message"])
 
 
 @dataclass

@@ -33,10 +33,9 @@ from swav_core.images import load_rgb
 from swav_core.model import SwAVModel
 from swav_core.presets import config_from
 from swav_service.models import Checkpoint, Dataset, Job, new_id
-from tests.api.conftest import Deployment
+from tests.api.conftest import Deployment, assert_error
 from tests.conftest import Service
 
-ENVELOPE_KEYS = {"code", "message", "param"}
 LIMITS = {
     "SWAV_MAX_EMBEDDING_ITEMS": "8",
     "SWAV_MAX_IMAGE_BYTES": "60000",
@@ -205,14 +204,6 @@ def assert_rows(body: dict[str, Any], expected: torch.Tensor) -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-def assert_error(response: httpx.Response, status: int, code: str, param: str | None = None) -> str:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == ENVELOPE_KEYS, body
-    assert body["error"]["code"] == code, body
-    assert body["error"]["param"] == param, body
-    assert body["error"]["message"], body
-    return str(body["error"]["message"])
 
 
 def stats(client: httpx.Client) -> dict[str, Any]:
