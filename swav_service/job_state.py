@@ -29,11 +29,13 @@ def change_status(
     status: str,
     *,
     expected: tuple[str, ...] | None = None,
+    read_token: int | None = None,
     error_code: str | None = None,
     error_message: str | None = None,
     **fields: Any,
 ) -> bool:
-    """Move a job to `status` if it is in `expected` (default: any non-terminal state).
+    """Move a job to `status` if it is in `expected` (default: any non-terminal state) and,
+    given `read_token`, its fencing token is still the one the caller read.
 
     A compare-and-set in one UPDATE, so two writers cannot both win; returns whether this
     one did. Terminal states never change. Adds a "state" event on success.
@@ -45,9 +47,10 @@ def change_status(
     if error_code is not None or status in ("queued", "running"):
         values["error_code"] = error_code
         values["error_message"] = error_message
-    result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(allowed)).values(**values)
-    )
+    statement = update(Job).where(Job.id == job_id, Job.status.in_(allowed))
+    if read_token is not None:
+        statement = statement.where(Job.fencing_token == read_token)
+    result = session.execute(statement.values(**values))
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
     data: dict[str, Any] = {"status": status}

@@ -91,6 +91,7 @@ def claim(job_id: str, settings: Settings) -> tuple[Lease, Job] | None:
             job_id,
             "running",
             expected=("queued",),
+            read_token=job.fencing_token,  # a claim that read a stale row changes nothing
             attempt=job.attempt + 1,
             started_at=job.started_at or utcnow(),
             lease_owner=owner,

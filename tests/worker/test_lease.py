@@ -86,3 +86,19 @@ def test_a_finished_job_ends_the_lease(make_job: Callable[..., str], service_db:
         change_status(session, job_id, "succeeded")
     with pytest.raises(LeaseLost):
         claimed[0].renew()
+
+
+def test_a_claim_that_read_a_stale_token_changes_nothing(
+    make_job: Callable[..., str], service_db: Settings
+) -> None:
+    """The claim's compare-and-set checks the token it read: a runner that read the job,
+    then lost the race to one that claimed and handed it back, does not claim it again
+    with a token computed from its stale read (two runners would hold one token)."""
+    job_id = make_job(fencing_token=3)
+    with session_scope() as session:
+        assert not change_status(session, job_id, "running", expected=("queued",),
+                                 read_token=2, fencing_token=3)
+        job = session.get(Job, job_id)
+        assert job is not None and (job.status, job.fencing_token) == ("queued", 3)
+        assert change_status(session, job_id, "running", expected=("queued",),
+                             read_token=3, fencing_token=4)
