@@ -34,6 +34,7 @@ DATASET_STATUSES: tuple[str, ...] = get_args(DatasetStatus)
 JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
 TERMINAL_JOB_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE_JOB_STATUSES = frozenset({"queued", "running", "cancelling"})
+ACTIVE_EMBEDDING_JOB_STATUSES = frozenset({"queued", "running"})
 MAX_INTEGER = 2**31 - 1  # the largest value an Integer column holds on PostgreSQL
 
 

@@ -38,9 +38,11 @@ from api.schemas import DatasetPublic, DatasetsPublic
 from api.upload_parser import UploadParser, dataset_name, upload_too_large
 from swav_service.dispatch import enqueue_ingest
 from swav_service.models import (
+    ACTIVE_EMBEDDING_JOB_STATUSES,
     ACTIVE_JOB_STATUSES,
     DELETED_DATASET,
     Dataset,
+    EmbeddingJob,
     Job,
     new_id,
     utcnow,
@@ -205,7 +207,8 @@ def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> Data
 @router.delete(
     "/{dataset_id}",
     status_code=204,
-    responses={409: {"description": "Validating, or used by an active job (`dataset_in_use`)."}},
+    responses={409: {"description": "Validating, or used by an active job or embedding job "
+                     "(`dataset_in_use`)."}},
 )
 def delete_dataset(
     dataset_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
@@ -223,20 +226,30 @@ def delete_dataset(
     active = session.execute(
         select(Job.id, Job.status)
         .where(Job.dataset_id == dataset_id, Job.status.in_(ACTIVE_JOB_STATUSES))
+        .union_all(
+            select(EmbeddingJob.id, EmbeddingJob.status).where(
+                EmbeddingJob.dataset_id == dataset_id,
+                EmbeddingJob.status.in_(ACTIVE_EMBEDDING_JOB_STATUSES),
+            )
+        )
         .limit(1)
     ).first()
     if active is not None:
         raise ApiError(
             409,
             "dataset_in_use",
-            f"job {active.id} is {active.status} on this dataset; cancel it or wait for it "
+            f"{active.id} is {active.status} on this dataset; cancel it or wait for it "
             "to finish, then delete",
             "dataset_id",
         )
-    referenced = session.scalar(select(Job.id).where(Job.dataset_id == dataset_id).limit(1))
+    referenced = session.execute(
+        select(Job.id).where(Job.dataset_id == dataset_id)
+        .union_all(select(EmbeddingJob.id).where(EmbeddingJob.dataset_id == dataset_id))
+        .limit(1)
+    ).first()
     if referenced is None:
         session.delete(row)
-    else:
+    else:  # finished jobs and embedding jobs keep their dataset's row, without its files
         row.status = DELETED_DATASET
         row.updated_at = utcnow()
     session.commit()

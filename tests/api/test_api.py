@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from swav_service.db import make_engine
 from swav_service.job_state import append_event, change_status
-from swav_service.models import Checkpoint, Dataset, Job, new_id
+from swav_service.models import Checkpoint, Dataset, EmbeddingJob, Job, new_id
 from swav_service.settings import Settings
 from tests.api.conftest import Deployment, assert_error
 from tests.conftest import Service
@@ -388,6 +388,33 @@ def test_delete_dataset(api: Service, client: httpx.Client) -> None:
     assert_error(response, 409, "dataset_not_ready", "dataset_id")
     response = client.post("/v1/jobs", json={"dataset_id": used, "preset": "cpu-tiny"})
     assert_error(response, 404, "not_found", "dataset_id")
+
+
+def test_delete_a_dataset_that_embedding_jobs_used(api: Service, client: httpx.Client) -> None:
+    """An embedding job refers to the dataset it embedded: a running one keeps it (409), a
+    finished one keeps its row hidden as `deleted` (before: a foreign-key error, a 500)."""
+    job = create_job(client, add_dataset(api))
+    embedded = add_dataset(api)
+    checkpoint_id, embedding_id = new_id("ckpt"), new_id("emb")
+    with db(api) as session:
+        session.add(Checkpoint(id=checkpoint_id, job_id=job["id"], step=1, epoch=0,
+                               path="x.pt", size_bytes=1, sha256="0" * 64))
+        session.flush()
+        session.add(EmbeddingJob(id=embedding_id, tenant="local", job_id=job["id"],
+                                 checkpoint_id=checkpoint_id, dataset_id=embedded,
+                                 layer="backbone", status="running"))
+    message = assert_error(
+        client.delete(f"/v1/datasets/{embedded}"), 409, "dataset_in_use", "dataset_id"
+    )
+    assert embedding_id in message and "running" in message
+    with db(api) as session:
+        row = session.get(EmbeddingJob, embedding_id)
+        assert row is not None
+        row.status = "succeeded"
+    assert client.delete(f"/v1/datasets/{embedded}").status_code == 204
+    assert_error(client.get(f"/v1/datasets/{embedded}"), 404, "not_found", "dataset_id")
+    with db(api) as session:
+        assert session.get(Dataset, embedded).status == "deleted"  # type: ignore[union-attr]
 
 
 def test_upload_size_cap(pg_service: Service) -> None:
