@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 
 from fastapi import APIRouter
@@ -14,6 +15,7 @@ from swav_service.db import get_engine
 from swav_service.settings import Settings
 
 router = APIRouter(tags=["health"])
+log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 1.0
 
@@ -21,11 +23,6 @@ PROBE_TIMEOUT_S = 1.0
 @router.get("/healthz", response_model=Health)
 def healthz() -> Health:
     return Health(status="ok")
-
-
-def _short(exc: BaseException) -> str:
-    first_line = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first_line[:200]}" if first_line else type(exc).__name__
 
 
 def check_database() -> None:
@@ -66,12 +63,16 @@ def check_broker(settings: Settings) -> None:
     responses={503: {"description": "The database or the broker is unreachable (`not_ready`)."}},
 )
 def readyz(settings: SettingsDep) -> Readiness:
+    """Which dependency is down, for anyone; why (addresses, driver errors) in the log only."""
     failures: list[str] = []
     for name, check in (("database", check_database), ("broker", lambda: check_broker(settings))):
         try:
             check()
-        except Exception as exc:  # any failure of a probe means "not ready", with its reason
-            failures.append(f"{name}: {_short(exc)}")
+        except Exception:  # any failure of a probe means "not ready"
+            log.warning("readyz: the %s is unreachable", name, exc_info=True)
+            failures.append(name)
     if failures:
-        raise ApiError(503, "not_ready", "not ready: " + "; ".join(failures))
+        down = " and the ".join(failures)
+        raise ApiError(503, "not_ready", f"not ready: the {down} is unreachable; see the "
+                       "API's log for the error")
     return Readiness(status="ready", database="ok", broker="ok")
