@@ -39,6 +39,12 @@ def unauthorized() -> ApiError:
     )
 
 
+def bearer_key(authorization: str | None) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header; None for any other value."""
+    scheme, _, key = (authorization or "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+
+
 def tenant_of(settings: Settings, authorization: str | None) -> str:
     """The tenant of the `Authorization: Bearer <key>` header's key, or the 401.
 
@@ -47,11 +53,11 @@ def tenant_of(settings: Settings, authorization: str | None) -> str:
     """
     if not settings.auth_enabled:
         return LOCAL_TENANT
-    scheme, _, key = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    key = bearer_key(authorization)
+    if key is None:
         raise unauthorized()
     with get_sessionmaker()() as session:
-        tenant = authenticate(session, key.strip())
+        tenant = authenticate(session, key)
     if tenant is None:
         raise unauthorized()
     return tenant
@@ -71,6 +77,8 @@ def get_tenant(
     return tenant_of(settings, request.headers.get("authorization"))
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# Closed when the route function returns, before its response is sent: a streamed answer
+# (events, downloads) holds no database connection while it streams.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 TenantDep = Annotated[str, Depends(get_tenant)]

@@ -1,4 +1,5 @@
-"""Per-tenant limits: active jobs (429), stored bytes (403), embedding request rate (429).
+"""Per-tenant limits: active jobs (429), stored bytes (403), embedding request rate (429),
+concurrent event streams (429).
 
 Stored bytes are what the database records: the archive bytes of the tenant's datasets
 that still have files (every status but `deleted`) plus the sizes of its checkpoints still
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 
 from fastapi import Request
 from sqlalchemy import func, select, text
@@ -167,3 +169,48 @@ async def limit_rate(request: Request, settings: SettingsDep, tenant: TenantDep)
     wait_s = limiter.acquire(tenant)
     if wait_s > 0:
         raise rate_limited(settings, wait_s)
+
+
+class StreamSlots:
+    """Open event streams per tenant in this API process, at most `limit` each."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+
+    def acquire(self, tenant: str, limit: int) -> Callable[[], None] | None:
+        """A release function (safe to call more than once), or None when the tenant has
+        `limit` streams open (0: no limit)."""
+        with self._lock:
+            if limit and self._open.get(tenant, 0) >= limit:
+                return None
+            self._open[tenant] = self._open.get(tenant, 0) + 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if not released.is_set():
+                    released.set()
+                    self._open[tenant] -= 1
+                    if not self._open[tenant]:
+                        del self._open[tenant]
+
+        return release
+
+    def open(self, tenant: str) -> int:
+        with self._lock:
+            return self._open.get(tenant, 0)
+
+
+STREAM_RETRY_AFTER_S = 5
+
+
+def too_many_streams(limit: int) -> ApiError:
+    return ApiError(
+        429,
+        "too_many_streams",
+        f"the tenant has {limit} event streams open in this API process, the limit "
+        f"(SWAV_TENANT_MAX_STREAMS); close one, or read GET /v1/jobs/{{id}}/events as JSON "
+        f"pages; retry after {STREAM_RETRY_AFTER_S} s",
+        headers={"Retry-After": str(STREAM_RETRY_AFTER_S)},
+    )

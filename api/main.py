@@ -7,6 +7,7 @@ from fastapi import Depends, FastAPI
 from api.dashboard import explorer, install_dashboard
 from api.deps import get_tenant
 from api.errors import register_error_handlers
+from api.limits import StreamSlots
 from api.metrics import install_metrics
 from api.openapi import build_openapi
 from api.request_guard import RequestGuard
@@ -53,6 +54,7 @@ def create_app() -> FastAPI:
     for module in (datasets, jobs, events, checkpoints, embeddings, embedding_jobs, explorer):
         app.include_router(module.router, dependencies=authenticated)
     register_error_handlers(app)
+    app.state.stream_slots = StreamSlots()  # open event streams per tenant (api/limits.py)
     app.add_middleware(RequestGuard)  # the key, then the body's size and numbers
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app

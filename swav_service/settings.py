@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     tenant_max_stored_bytes: int = Field(
         100 * 1024**3, ge=0, description="Dataset archives + checkpoints per tenant (403)."
     )
+    tenant_max_streams: int = Field(
+        16, ge=0, description="Event streams a tenant may hold open per API process (429)."
+    )
     tenant_embed_rate_per_s: float = Field(
         20.0, ge=0, description="POST /v1/embeddings requests per second per tenant (429)."
     )
