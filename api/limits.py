@@ -1,5 +1,5 @@
 """Per-tenant limits: active jobs (429), stored bytes (403), embedding request rate (429),
-concurrent event streams (429).
+concurrent event streams (429), short tasks in flight (429).
 
 Stored bytes are what the database records: the archive bytes of the tenant's datasets
 that still have files (every status but `deleted`) plus the sizes of its checkpoints still
@@ -15,6 +15,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
 from fastapi import Request
 from sqlalchemy import func, select, text
@@ -22,7 +23,17 @@ from sqlalchemy.orm import Session
 
 from api.deps import SettingsDep, TenantDep
 from api.errors import ApiError
-from swav_service.models import ACTIVE_JOB_STATUSES, DELETED_DATASET, Checkpoint, Dataset, Job
+from swav_service.models import (
+    ACTIVE_EMBEDDING_JOB_STATUSES,
+    ACTIVE_JOB_STATUSES,
+    DELETED_DATASET,
+    Checkpoint,
+    Dataset,
+    EmbeddingJob,
+    Job,
+    as_utc,
+    utcnow,
+)
 from swav_service.settings import Settings
 
 
@@ -214,3 +225,45 @@ def too_many_streams(limit: int) -> ApiError:
         f"pages; retry after {STREAM_RETRY_AFTER_S} s",
         headers={"Retry-After": str(STREAM_RETRY_AFTER_S)},
     )
+
+
+def evaluation_in_flight(row: Checkpoint, settings: Settings) -> bool:
+    """Whether the checkpoint's quality report is queued or being computed (a request
+    older than `short_task_stale_s` counts as lost: it may be asked again)."""
+    requested = row.evaluation_requested_at
+    stale_before = utcnow() - timedelta(seconds=settings.short_task_stale_s)
+    return requested is not None and as_utc(requested) > stale_before
+
+
+def short_tasks_left(session: Session, settings: Settings, tenant: str) -> None:
+    """ApiError 429 `too_many_tasks` when the tenant has `tenant_max_short_tasks` quality
+    reports and embedding jobs in flight, so that one tenant cannot fill the short queue
+    that every tenant's uploads wait in."""
+    limit = settings.tenant_max_short_tasks
+    if not limit:
+        return
+    stale_before = utcnow() - timedelta(seconds=settings.short_task_stale_s)
+    evaluations = session.scalar(
+        select(func.count())
+        .select_from(Checkpoint)
+        .join(Job, Job.id == Checkpoint.job_id)
+        .where(Job.tenant == tenant, Checkpoint.evaluation_requested_at > stale_before)
+    ) or 0
+    embeddings = session.scalar(
+        select(func.count()).where(
+            EmbeddingJob.tenant == tenant,
+            EmbeddingJob.status.in_(ACTIVE_EMBEDDING_JOB_STATUSES),
+        )
+    ) or 0
+    if evaluations + embeddings >= limit:
+        raise ApiError(
+            429,
+            "too_many_tasks",
+            f"the tenant has {evaluations} quality reports and {embeddings} embedding jobs "
+            f"in flight, the limit of {limit} (SWAV_TENANT_MAX_SHORT_TASKS); retry once some "
+            "have finished",
+            headers={"Retry-After": str(SHORT_TASK_RETRY_AFTER_S)},
+        )
+
+
+SHORT_TASK_RETRY_AFTER_S = 30

@@ -26,3 +26,7 @@ CHECKPOINT_GONE: Responses = {
 BROKER_UNAVAILABLE: Responses = {
     503: {"description": "The task broker is unreachable (`broker_unavailable`)."}
 }
+TOO_MANY_TASKS: Responses = {
+    429: {"description": "The tenant's quality reports and embedding jobs in flight are at "
+          "their limit (`too_many_tasks`); see Retry-After."}
+}

@@ -155,6 +155,8 @@ class Checkpoint(Base):
     quality: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # The job's best checkpoint by its `keep_best_by` metric (kept when others are pruned).
     best: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Set while its quality report is queued or computed (one in flight per checkpoint).
+    evaluation_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Worker(Base):

@@ -135,6 +135,12 @@ class Settings(BaseSettings):
     tenant_max_stored_bytes: int = Field(
         100 * 1024**3, ge=0, description="Dataset archives + checkpoints per tenant (403)."
     )
+    tenant_max_short_tasks: int = Field(
+        16, ge=0, description="Quality reports and embedding jobs a tenant has in flight (429)."
+    )
+    short_task_stale_s: float = Field(
+        3600.0, gt=0, description="A requested quality report not done by then may be asked again."
+    )
     tenant_max_streams: int = Field(
         16, ge=0, description="Event streams a tenant may hold open per API process (429)."
     )

@@ -187,7 +187,12 @@ class Relay:
             path = str(Path(event["path"]).resolve().relative_to(self.settings.artifacts))
             checkpoint_id = self._record_checkpoint(session, event, path)
             if self._labelled(session):
-                to_evaluate.append(checkpoint_id)
+                to_evaluate.append(checkpoint_id)  # one report in flight (api/limits.py)
+                session.execute(
+                    update(Checkpoint)
+                    .where(Checkpoint.id == checkpoint_id)
+                    .values(evaluation_requested_at=utcnow())
+                )
             self._mark_pruned(session)
             event = {**event, "path": path, "checkpoint_id": checkpoint_id}
         append_event(session, self.job_id, kind, event)

@@ -305,6 +305,25 @@ def evaluate_checkpoint(checkpoint_id: str) -> None:
         path = settings.artifacts / checkpoint.path
         images = dataset_images_dir(settings, job.dataset_id)
         job_id, keep_best_by = job.id, job.keep_best_by
+    try:
+        _store_quality(settings, checkpoint_id, path, images, job_id, keep_best_by)
+    finally:  # done, or given up: the checkpoint may be evaluated again
+        with session_scope() as session:
+            session.execute(
+                update(Checkpoint)
+                .where(Checkpoint.id == checkpoint_id)
+                .values(evaluation_requested_at=None)
+            )
+
+
+def _store_quality(
+    settings: Settings,
+    checkpoint_id: str,
+    path: Path,
+    images: Path,
+    job_id: str,
+    keep_best_by: str | None,
+) -> None:
     from swav_core.evaluate import evaluate_model
     from swav_core.exports import load_model
 

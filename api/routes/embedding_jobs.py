@@ -26,6 +26,7 @@ from fastapi.responses import FileResponse
 from api.batch_embedding import queue_embedding_job
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError
+from api.limits import evaluation_in_flight, short_tasks_left
 from api.lookups import (
     checkpoint_gone,
     find_checkpoint,
@@ -33,11 +34,11 @@ from api.lookups import (
     ready_dataset,
     stored_path,
 )
-from api.responses import BROKER_UNAVAILABLE, CHECKPOINT_GONE, STORAGE_LIMIT
+from api.responses import BROKER_UNAVAILABLE, CHECKPOINT_GONE, STORAGE_LIMIT, TOO_MANY_TASKS
 from api.schemas import CheckpointPublic, EmbeddingJobCreate, EmbeddingJobPublic
 from swav_service.dispatch import enqueue_evaluation
 from swav_service.layout import EMBEDDINGS_FILE, INDEX_FILE
-from swav_service.models import Job
+from swav_service.models import Job, utcnow
 
 router = APIRouter(tags=["embedding jobs"])
 
@@ -52,6 +53,7 @@ router = APIRouter(tags=["embedding jobs"])
         409: {"description": "No checkpoint yet (`model_not_ready`), or the dataset is not "
               "ready (`dataset_not_ready`)."},
         **CHECKPOINT_GONE,
+        **TOO_MANY_TASKS,
         **BROKER_UNAVAILABLE,
     },
 )
@@ -62,7 +64,8 @@ def create_embedding_job(
     settings: SettingsDep,
     tenant: TenantDep,
 ) -> EmbeddingJobPublic:
-    """Embed every valid image of a dataset with one of the job's checkpoints (async)."""
+    """Embed every valid image of a dataset with one of the job's checkpoints (async); the
+    same request while one is queued or running answers that one."""
     return EmbeddingJobPublic.from_row(
         queue_embedding_job(session, settings, tenant, job_id, payload)
     )
@@ -124,13 +127,15 @@ def download_embeddings(
     responses={
         409: {"description": "The job's dataset has no classes (`dataset_unlabelled`)."},
         **CHECKPOINT_GONE,
+        **TOO_MANY_TASKS,
     },
 )
 def evaluate_checkpoint(
     checkpoint_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
 ) -> CheckpointPublic:
     """Queue the checkpoint's quality report on its job's dataset (needs class folders);
-    `quality` appears on the checkpoint once computed."""
+    `quality` appears on the checkpoint once computed. Asked again while one is in flight,
+    it queues nothing more."""
     row = find_checkpoint(session, tenant, checkpoint_id)
     if not row.available or stored_path(settings, row) is None:
         raise checkpoint_gone(checkpoint_id)
@@ -145,9 +150,16 @@ def evaluate_checkpoint(
             "report needs labels",
             "checkpoint_id",
         )
+    if evaluation_in_flight(row, settings):
+        return CheckpointPublic.from_row(row)  # asked again: the one in flight answers
+    short_tasks_left(session, settings, tenant)
+    row.evaluation_requested_at = utcnow()
+    session.commit()
     try:
         enqueue_evaluation(row.id)
     except Exception as exc:
+        row.evaluation_requested_at = None
+        session.commit()
         raise ApiError(
             503, "broker_unavailable", "the task broker was unreachable; retry later"
         ) from exc

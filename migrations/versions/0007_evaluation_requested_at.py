@@ -1,0 +1,28 @@
+"""checkpoints.evaluation_requested_at: one quality report per checkpoint in flight
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-11-30 11:10:00.000000
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0007"
+down_revision = "0006"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("checkpoints", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("evaluation_requested_at", sa.DateTime(timezone=True), nullable=True)
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("checkpoints", schema=None) as batch_op:
+        batch_op.drop_column("evaluation_requested_at")
