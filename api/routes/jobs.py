@@ -348,6 +348,7 @@ def resume_job(
             finished_at=None,
             cancel_requested_at=None,
             eta_s=None,
+            attempt=0,  # a fresh budget of max_attempts: the user asked for another try
             updated_at=utcnow(),
         )
     )

@@ -674,13 +674,15 @@ def test_cancel_and_resume(api: Service, client: httpx.Client) -> None:
     with db(api) as session:
         assert session.get(Job, job_id).cancel_requested_at is not None  # type: ignore[union-attr]
 
-    set_job(api, job_id, status="failed", error_code="non_finite_loss", error_message="nan")
+    set_job(api, job_id, status="failed", error_code="worker_lost", error_message="died",
+            attempt=3, max_attempts=3)
     assert client.get(f"/v1/jobs/{job_id}").json()["error"] == {
-        "code": "non_finite_loss",
-        "message": "nan",
+        "code": "worker_lost",
+        "message": "died",
     }
     resumed = client.post(f"/v1/jobs/{job_id}/resume")
     assert resumed.status_code == 202 and resumed.json()["error"] is None
+    assert resumed.json()["attempt"] == 0  # a fresh budget: its next crash is retried
 
     set_job(api, job_id, status="succeeded")
     assert_error(client.post(f"/v1/jobs/{job_id}/resume"), 409, "job_not_resumable", "job_id")
