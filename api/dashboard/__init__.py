@@ -17,6 +17,8 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.responses import Response
+from starlette.types import Scope
 
 STATIC = Path(__file__).resolve().parent / "static"
 PAGE_HEADERS = {
@@ -28,6 +30,16 @@ PAGE_HEADERS = {
 }
 
 
+class DashboardFiles(StaticFiles):
+    """The page's files, each with PAGE_HEADERS: `/dashboard/index.html` is the page too,
+    and must be as unframeable and script-locked as `/`."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(PAGE_HEADERS)
+        return response
+
+
 def install_dashboard(app: FastAPI) -> None:
     """Serve the page at `/` and its files under `/dashboard/` (neither in the API schema)."""
 
@@ -35,4 +47,4 @@ def install_dashboard(app: FastAPI) -> None:
     def dashboard_page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)
 
-    app.mount("/dashboard", StaticFiles(directory=STATIC), name="dashboard")
+    app.mount("/dashboard", DashboardFiles(directory=STATIC), name="dashboard")

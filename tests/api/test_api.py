@@ -181,6 +181,18 @@ def _non_null(schema: dict[str, Any]) -> dict[str, Any]:
 BOUND_KEYS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
 
 
+@pytest.mark.parametrize("path", ["/", "/dashboard/index.html", "/dashboard/app.js"])
+def test_every_dashboard_file_is_served_unframeable_and_script_locked(
+    client: httpx.Client, path: str
+) -> None:
+    response = client.get(path)
+    assert response.status_code == 200
+    policy = response.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in policy and "default-src 'self'" in policy
+    assert "unsafe-inline" not in policy
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
 def test_openapi_documents_every_config_field_bound_preset_and_status(
     client: httpx.Client,
 ) -> None:
