@@ -497,6 +497,7 @@ def test_broker_down(pg_service: Service) -> None:
         ({"preset": "cpu-tiny", "config": {"epsilon": 0}}, "config.epsilon", "greater than 0"),
         ({"preset": "cpu-tiny", "config": {"queue_length": 100}}, "config.queue_length", "96"),
         ({"config": {"learning_rate": 0.1}}, "config.learning_rate", "unknown field"),
+        ({"config": {"preset": "cpu-tiny"}}, "config.preset", "unknown field"),
         ({"preset": "huge"}, "preset", "cpu-tiny"),
         ({"config": {"n_crops": [2, 6], "size_crops": [224]}}, "config.size_crops", "1 entries"),
         ({"preset": "cpu-tiny", "config": {"backbone": "resnet5"}}, "config.backbone",
