@@ -23,7 +23,7 @@ import boto3
 import httpx
 import pytest
 
-from swav_service.layout import sidecar
+from swav_core.checkpoint_names import sidecar_path
 from swav_service.settings import Settings
 from swav_service.storage import S3Store, StorageError, artifact_store
 from tests.conftest import BIN, Service, free_port
@@ -91,7 +91,7 @@ def test_store_mirrors_the_artifacts_folder(s3_endpoint: str, tmp_path: Path) ->
     run = settings.job_dir("job_x") / "run" / "checkpoints"
     run.mkdir(parents=True)
     (run / "step-000000004.pt").write_bytes(b"weights" * 1000)
-    sidecar(run / "step-000000004.pt").write_text('{"sha256": "a"}')
+    sidecar_path(run / "step-000000004.pt").write_text('{"sha256": "a"}')
     assert store.upload_tree(run) == 2
     assert set(keys(s3_endpoint, "artifacts/jobs/job_x/")) == {
         "artifacts/jobs/job_x/run/checkpoints/step-000000004.pt",
@@ -105,13 +105,13 @@ def test_store_mirrors_the_artifacts_folder(s3_endpoint: str, tmp_path: Path) ->
     assert store.restore(run) == 0
     # A file of the same size left by an older run is replaced when its sidecar differs.
     (run / "step-000000004.pt").write_bytes(b"WEIGHTS" * 1000)
-    sidecar(run / "step-000000004.pt").write_text('{"sha256": "b"}')
+    sidecar_path(run / "step-000000004.pt").write_text('{"sha256": "b"}')
     assert store.restore(run) == 2
     assert (run / "step-000000004.pt").read_bytes() == b"weights" * 1000
 
     # `exact`: a checkpoint saved here but never uploaded is not resumed from.
     (run / "step-000000008.pt").write_bytes(b"never uploaded")
-    sidecar(run / "step-000000008.pt").write_text('{"sha256": "c"}')
+    sidecar_path(run / "step-000000008.pt").write_text('{"sha256": "c"}')
     assert store.restore(run, exact=True) == 0
     assert sorted(p.name for p in run.iterdir()) == [
         "step-000000004.pt", "step-000000004.pt.sha256"
@@ -129,7 +129,7 @@ def test_store_mirrors_the_artifacts_folder(s3_endpoint: str, tmp_path: Path) ->
         store.key(tmp_path / "elsewhere")
     broken = S3Store(settings.artifacts, "no-such-bucket", "", client(s3_endpoint))
     with pytest.raises(StorageError):
-        broken.upload(sidecar(run / "step-000000004.pt"))
+        broken.upload(sidecar_path(run / "step-000000004.pt"))
 
 
 def sha256(data: bytes) -> str:
