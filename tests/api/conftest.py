@@ -76,6 +76,14 @@ def deployment(
         drop_database(url)
 
 
+@pytest.fixture
+def tenant(deployment: Deployment) -> Iterator[tuple[str, httpx.Client]]:
+    """A new tenant of the module's deployment and a client sending its key."""
+    name, client = deployment.new_tenant()
+    with client:
+        yield name, client
+
+
 ENVELOPE_KEYS = {"code", "message", "param"}
 
 

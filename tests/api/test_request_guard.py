@@ -26,7 +26,7 @@ def api_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def tenant(deployment: Deployment) -> tuple[str, str]:
+def tenant_key(deployment: Deployment) -> tuple[str, str]:
     """A tenant of its own and its key."""
     name = "guarded"
     key = deployment.service.create_key(name)
@@ -34,8 +34,8 @@ def tenant(deployment: Deployment) -> tuple[str, str]:
 
 
 @pytest.fixture
-def client(deployment: Deployment, tenant: tuple[str, str]) -> Iterator[httpx.Client]:
-    with deployment.service.client(key=tenant[1]) as client:
+def client(deployment: Deployment, tenant_key: tuple[str, str]) -> Iterator[httpx.Client]:
+    with deployment.service.client(key=tenant_key[1]) as client:
         yield client
 
 
@@ -87,10 +87,10 @@ def test_an_anonymous_request_is_refused_before_its_body_is_read(
 
 
 def test_a_body_announced_over_the_cap_is_refused_unread(
-    deployment: Deployment, tenant: tuple[str, str]
+    deployment: Deployment, tenant_key: tuple[str, str]
 ) -> None:
     status, body = headers_only(deployment.service.base_url, (
-        f"POST /v1/jobs HTTP/1.1\nHost: api\nAuthorization: Bearer {tenant[1]}\n"
+        f"POST /v1/jobs HTTP/1.1\nHost: api\nAuthorization: Bearer {tenant_key[1]}\n"
         f"Content-Type: application/json\nContent-Length: {CAP + 1}\n"
     ))
     assert status == 413 and body["error"]["code"] == "payload_too_large"
@@ -99,9 +99,9 @@ def test_a_body_announced_over_the_cap_is_refused_unread(
 
 
 def test_a_streamed_body_is_refused_once_it_passes_the_cap(
-    deployment: Deployment, tenant: tuple[str, str], client: httpx.Client
+    deployment: Deployment, tenant_key: tuple[str, str], client: httpx.Client
 ) -> None:
-    dataset_id = ready_dataset(deployment, tenant[0])
+    dataset_id = ready_dataset(deployment, tenant_key[0])
     padding = "x" * (CAP // 8)
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: sent chunked
@@ -122,9 +122,9 @@ def test_a_streamed_body_is_refused_once_it_passes_the_cap(
     ("metadata", '{"score": NaN}'), ("config", '{"base_lr": Infinity}'),
 ])
 def test_non_finite_numbers_are_a_422(
-    deployment: Deployment, tenant: tuple[str, str], client: httpx.Client, field: str, text: str
+    deployment: Deployment, tenant_key: tuple[str, str], client: httpx.Client, field: str, text: str
 ) -> None:
-    dataset_id = ready_dataset(deployment, tenant[0])
+    dataset_id = ready_dataset(deployment, tenant_key[0])
     body = f'{{"dataset_id": "{dataset_id}", "preset": "cpu-tiny", "{field}": {text}}}'
     response = client.post("/v1/jobs", content=body,
                            headers={"Content-Type": "application/json"})
@@ -134,9 +134,9 @@ def test_non_finite_numbers_are_a_422(
 
 
 def test_a_body_under_the_cap_reaches_its_route(
-    deployment: Deployment, tenant: tuple[str, str], client: httpx.Client
+    deployment: Deployment, tenant_key: tuple[str, str], client: httpx.Client
 ) -> None:
-    dataset_id = ready_dataset(deployment, tenant[0])
+    dataset_id = ready_dataset(deployment, tenant_key[0])
     body = {"dataset_id": dataset_id, "preset": "cpu-tiny", "dry_run": True,
             "metadata": {"note": "y" * (CAP // 2)}}
     response = client.post("/v1/jobs", json=body)

@@ -4,8 +4,6 @@ tenant has in flight, over real HTTP with the real broker (Redis)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 import redis
@@ -47,12 +45,6 @@ def finished_job(deployment: Deployment, tenant: str, checkpoints: int) -> tuple
             ))
     return job_id, ids
 
-
-@pytest.fixture
-def tenant(deployment: Deployment) -> Iterator[tuple[str, httpx.Client]]:
-    name, client = deployment.new_tenant()
-    with client:
-        yield name, client
 
 
 def test_a_quality_report_asked_twice_is_queued_once(

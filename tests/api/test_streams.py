@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -66,12 +66,6 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
 
-
-@pytest.fixture
-def tenant(deployment: Deployment) -> Iterator[tuple[str, httpx.Client]]:
-    name, client = deployment.new_tenant()
-    with client:
-        yield name, client
 
 
 def test_more_streams_than_database_connections_leave_the_api_responsive(
