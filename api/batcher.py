@@ -74,11 +74,16 @@ class Batcher:
     def queued(self) -> int:
         return self._queued
 
+    def is_full_for(self, count: int) -> bool:
+        """Whether `count` more images would be refused (Overloaded): checked before a
+        request's images are decoded, so a refused request costs no decoding."""
+        return bool(self._queued and self._queued + count > self._max_queue)
+
     async def submit(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """The (unnormalised) rows of the images in `parts`, computed with whatever else
         is waiting."""
         count = sum(len(part) for part in parts)
-        if self._queued and self._queued + count > self._max_queue:
+        if self.is_full_for(count):
             raise Overloaded
         loop = asyncio.get_running_loop()
         future: asyncio.Future[torch.Tensor] = loop.create_future()

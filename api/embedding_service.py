@@ -33,11 +33,12 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import Request
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from api.batcher import Batcher, Overloaded, Stats
 from api.errors import ApiError
-from api.image_inputs import decode_images
+from api.image_inputs import checked_payloads, decode_image
 from api.model_cache import LoadedModel, ModelCache, load_entry
 from api.model_resolution import ResolvedModel, model_gone, resolve_model
 from api.schemas import Layer
@@ -98,19 +99,42 @@ _FLOAT32 = "{:.9g}"
 
 
 def prepare(
-    payloads: Sequence[str | bytes], field_name: str, settings: Settings, offset: int, size: int
+    data: Sequence[bytes], field_name: str, settings: Settings, offset: int, size: int
 ) -> torch.Tensor:
-    """Decode (see `decode_images`), then preprocess as `swav_core.embed.preprocess` does.
+    """Decode (`decode_image`), then preprocess as `swav_core.embed.preprocess` does.
 
     The same `eval_transform(size)`, applied to each group of same-sized images at once
-    (one stacked uint8 batch): the same values, without the per-image overhead.
+    (one stacked uint8 batch): the same values, without the per-image overhead. Images are
+    decoded a chunk at a time, at most PREPARE_CHUNK_PIXELS (or one image) each, and only
+    their model-sized rows are kept: a request of large images never holds them all
+    decoded at once.
     """
+    import torch
+
+    rows: list[torch.Tensor] = []
+    chunk: list[Image.Image] = []
+    pixels = 0
+    for index, payload in enumerate(data, start=offset):
+        image = decode_image(payload, f"{field_name}.{index}", settings.max_image_pixels)
+        if chunk and pixels + image.width * image.height > PREPARE_CHUNK_PIXELS:
+            rows.extend(_preprocessed(chunk, size))
+            chunk, pixels = [], 0
+        chunk.append(image)
+        pixels += image.width * image.height
+    rows.extend(_preprocessed(chunk, size))
+    return torch.stack(rows)
+
+
+PREPARE_CHUNK_PIXELS = 16_000_000
+
+
+def _preprocessed(images: list[Image.Image], size: int) -> list[torch.Tensor]:
+    """`eval_transform(size)` of each image, in order, one stacked call per image size."""
     import torch
     from torchvision.transforms.v2 import functional as TF
 
     from swav_core.multicrop import eval_transform
 
-    images = decode_images(payloads, field_name, settings, offset)
     transform = eval_transform(size)
     groups: dict[tuple[int, int], list[int]] = {}
     for index, image in enumerate(images):
@@ -121,7 +145,7 @@ def prepare(
         batch = transform(pixels).as_subclass(torch.Tensor)
         for row, index in zip(batch, indices, strict=True):
             rows[index] = row
-    return torch.stack(rows)
+    return rows
 
 
 class EmbeddingService:
@@ -175,7 +199,7 @@ class EmbeddingService:
         return self._device
 
     async def _prepare(
-        self, payloads: Sequence[str | bytes], field_name: str, size: int
+        self, payloads: Sequence[bytes], field_name: str, size: int
     ) -> list[torch.Tensor]:
         """Decode and preprocess in up to `_prepare_threads` slices at once (pool threads)."""
         parts = max(1, min(self._prepare_threads, len(payloads) // 4))
@@ -239,23 +263,29 @@ class EmbeddingService:
                 "verify or load",
                 "model",
             ) from exc
-        batch = await self._prepare(payloads, field_name, entry.size)
+        data = await run_in_threadpool(checked_payloads, payloads, field_name, self.settings)
+        batcher = self._batcher(entry, layer)
+        if batcher.is_full_for(len(data)):  # refused before any image is decoded
+            raise self._overloaded(resolved.checkpoint_id)
+        batch = await self._prepare(data, field_name, entry.size)
         try:
-            features = await self._batcher(entry, layer).submit(batch)
+            features = await batcher.submit(batch)
         except Overloaded:
-            self.stats.overloaded += 1
-            raise ApiError(
-                503,
-                "overloaded",
-                f"too many images are waiting for model {resolved.checkpoint_id}; "
-                f"retry in {RETRY_AFTER_S} s",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            ) from None
+            raise self._overloaded(resolved.checkpoint_id) from None
         self.stats.requests += 1
         if features.numel() <= INLINE_RENDER_VALUES:  # cheaper than a thread hop
             return render(resolved.checkpoint_id, features, normalize, encoding)
         return await run_in_threadpool(
             render, resolved.checkpoint_id, features, normalize, encoding
+        )
+
+    def _overloaded(self, checkpoint_id: str) -> ApiError:
+        self.stats.overloaded += 1
+        return ApiError(
+            503,
+            "overloaded",
+            f"too many images are waiting for model {checkpoint_id}; retry in {RETRY_AFTER_S} s",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
         )
 
     def stats_dict(self) -> dict[str, Any]:

@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     max_embedding_items: int = Field(64, description="Images per embedding request (413).")
     max_image_bytes: int = Field(8 * 1024**2, description="Encoded bytes per image (413).")
     max_image_pixels: int = Field(40_000_000, description="Pixels per image, bomb guard (413).")
+    max_request_pixels: int = Field(
+        200_000_000, ge=1, description="Pixels of one request's images together (413)."
+    )
     embed_cache_models: int = Field(4, description="Models kept loaded (LRU).")
     embed_cache_bytes: int = Field(2 * 1024**3, description="Parameter bytes kept loaded.")
     embed_batch_window_ms: float = Field(5.0, description="Micro-batch wait; 0 with max 1: off.")

@@ -40,6 +40,7 @@ LIMITS = {
     "SWAV_MAX_EMBEDDING_ITEMS": "8",
     "SWAV_MAX_IMAGE_BYTES": "60000",
     "SWAV_MAX_IMAGE_PIXELS": "1000000",
+    "SWAV_MAX_REQUEST_PIXELS": "2000000",
     "SWAV_EMBED_BATCH_WINDOW_MS": "10",
     "SWAV_EMBED_TORCH_THREADS": "1",
 }
@@ -338,6 +339,11 @@ def test_errors(deployment: Seeded, client: httpx.Client) -> None:
     assert len(bomb) < 60000
     message = assert_error(post_json(client, model, [bomb]), 413, "image_too_large", "input.0")
     assert "pixel" in message
+    flat = encode(Image.new("L", (900, 900)), "PNG")  # 0.81 M pixels each, 2.43 M in all
+    message = assert_error(post_multipart(client, model, [flat, flat, flat]), 413,
+                           "request_too_large", "files")
+    assert "SWAV_MAX_REQUEST_PIXELS" in message  # checked from the headers, none decoded
+    assert post_multipart(client, model, [flat, flat]).status_code == 200
 
     tiff = encode(noise_image(3), "TIFF")
     message = assert_error(post_json(client, model, [*ok[:2], tiff]), 400, "invalid_image",
@@ -404,7 +410,10 @@ def test_overload_and_cache_bounds(deployment: Seeded) -> None:
             while stats(client)["queued_items"] < 2:  # waiting in the 1 s window
                 assert time.monotonic() < deadline, "the first request never queued"
                 time.sleep(0.02)
-            refused = post_json(client, deployment.final_id, images[:1])
+            # A valid header and broken pixels: refused before decoding (decoding it would
+            # have answered 400 invalid_image).
+            truncated = images[0][: len(images[0]) // 2]
+            refused = post_json(client, deployment.final_id, [truncated])
             assert_error(refused, 503, "overloaded")
             assert refused.headers["Retry-After"] == "1"
             first.join()
