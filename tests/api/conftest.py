@@ -18,6 +18,7 @@ import redis
 from sqlalchemy import Engine
 
 from swav_service.db import make_engine
+from tests.api.helpers import ENGINES
 from tests.conftest import (
     REDIS_URL,
     Service,
@@ -82,6 +83,22 @@ def tenant(deployment: Deployment) -> Iterator[tuple[str, httpx.Client]]:
     name, client = deployment.new_tenant()
     with client:
         yield name, client
+
+
+@pytest.fixture(scope="module")
+def api(deployment: Deployment) -> Iterator[Service]:
+    """The API the module's tests share (tests/api/conftest.py); `db(api)` writes to its
+    database with the deployment's engine."""
+    url = deployment.service.env["SWAV_DATABASE_URL"]
+    ENGINES[url] = deployment.engine
+    yield deployment.service
+    ENGINES.pop(url, None)
+
+
+@pytest.fixture
+def client(api: Service) -> Iterator[httpx.Client]:
+    with api.client() as client:
+        yield client
 
 
 ENVELOPE_KEYS = {"code", "message", "param"}
