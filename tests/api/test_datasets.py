@@ -1,9 +1,7 @@
 """Datasets: upload, rejections, deletion, the size cap and an unreachable broker.
 
-The HTTP API over real HTTP: a `swav-service api` uvicorn process on a migrated PostgreSQL
-database, with Redis as the broker (tests/api/conftest.py). No worker runs: the broker
-messages stay in Redis, and the states a worker would write (a ready dataset, events,
-checkpoints) are written straight into the same database (tests/api/helpers.py).
+Over real HTTP, on the module's API (tests/api/conftest.py); what a worker would write
+is written into its database directly (tests/api/helpers.py).
 """
 
 from __future__ import annotations
