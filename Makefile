@@ -32,7 +32,7 @@ browser:
 	fi
 
 test: lint browser
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python bench/sinkhorn.py
