@@ -62,11 +62,12 @@ def fitted_steps(
     """How many more steps fit in `remaining_s`, paying for the checkpoints they cause.
 
     remaining = n * step_time + checkpoint_s * (n * checkpoints_per_step + 1), the 1
-    being the final checkpoint; solved for n (to the nearest step, so a run ends within
-    half a step of its budget), at least 1.
+    being the final checkpoint; solved for n and rounded down, at least 1. A budget is a
+    deadline: the run ends less than a step before it rather than up to half a step after,
+    which leaves that fraction of a step for the child's exit and the job's bookkeeping.
     """
     per_step = step_time_s + checkpoint_s * checkpoints_per_step
-    return max(1, round((remaining_s - checkpoint_s) / per_step))
+    return max(1, math.floor((remaining_s - checkpoint_s) / per_step))
 
 
 class BudgetFitter:
