@@ -208,10 +208,6 @@ class StreamSlots:
 
         return release
 
-    def open(self, tenant: str) -> int:
-        with self._lock:
-            return self._open.get(tenant, 0)
-
 
 STREAM_RETRY_AFTER_S = 5
 
