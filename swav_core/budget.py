@@ -13,6 +13,12 @@ fit is checked; when it would miss the budget by more than 2%, the remaining ste
 fitted again (a `budget_refitted` event). Each refit bends the cosine a little, by the
 size of the correction, which is better than a run that ends far past its budget or
 stops before its learning rate has decayed.
+
+After the last pace check the budget is still a deadline: when the step just taken says
+that one more step and the final checkpoint would end past it, the run ends at this
+step (a `budget_refitted` event whose `total_steps` is the step it was fitted at). A
+machine that slows down in the last tenth then costs the run its last steps, not the
+user minutes past the budget.
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ class BudgetFitter:
         self.warmup_steps = warmup_steps
         self.fit = fit
         self.window_start: tuple[int, float] | None = None
+        self.last_step: tuple[int, float] | None = None
         self.checkpoint_s = 0.0
 
     def elapsed(self, now: float) -> float:
@@ -103,6 +110,11 @@ class BudgetFitter:
 
         `checkpoint_cost_s` is called once, at the first fit: what one checkpoint costs.
         """
+        previous, self.last_step = self.last_step, (steps_done, now)
+        if self.fit is not None and previous is not None and steps_done < self.fit.total_steps:
+            step_s = (now - previous[1]) / max(1, steps_done - previous[0])
+            if self.elapsed(now) + step_s + self.checkpoint_s > self.budget_s:
+                return self._fit_ending_now(steps_done, now)
         if self.window_start is None:
             if steps_done >= SKIPPED_STEPS:
                 self.window_start = (steps_done, now)
@@ -126,6 +138,19 @@ class BudgetFitter:
         if abs(projected + self.checkpoint_s - self.budget_s) <= REFIT_TOLERANCE * self.budget_s:
             return None
         return self._fit(steps_done, now, pace, measured, 0.0)
+
+    def _fit_ending_now(self, steps_done: int, now: float) -> ScheduleFit:
+        assert self.fit is not None
+        self.fit = replace(
+            self.fit,
+            total_steps=steps_done,
+            warmup_steps=min(self.fit.warmup_steps, steps_done),
+            epochs=math.ceil(steps_done / self.steps_per_epoch),
+            fitted_at_step=steps_done,
+            refits=self.fit.refits + 1,
+        )
+        self.window_start = (steps_done, now)
+        return self.fit
 
     def _fit(
         self,

@@ -73,6 +73,27 @@ def test_a_slower_pace_refits_and_a_steady_one_does_not() -> None:
     assert refit.total_steps < first.total_steps
 
 
+def test_a_slowdown_after_the_last_pace_check_ends_the_run_at_its_deadline() -> None:
+    fitter = BudgetFitter(100.0, started_at=0.0, steps_per_epoch=50, warmup_steps=0)
+    fits = feed(fitter, 0.25, 368)  # 92 s, past the last pace check (90 s)
+    assert [f.refits for f in fits] == [0]  # a steady pace: fitted once, never cut
+    planned = fits[0].total_steps
+    now, step, ended = 92.0, 368, None
+    while ended is None and step < planned:
+        step, now = step + 1, now + 1.0  # four times slower: 8 s would take 32 s
+        ended = fitter.observe(step, now, lambda: 0.0, 0.0)
+    assert ended is not None and ended.refits == 1
+    # it ends at the first step after which one more would pass the deadline
+    assert ended.total_steps == ended.fitted_at_step == step < planned
+    assert now <= 100.0 < now + 1.0
+
+
+def test_a_steady_run_keeps_every_fitted_step() -> None:
+    fitter = BudgetFitter(100.0, started_at=0.0, steps_per_epoch=50, warmup_steps=0)
+    fits = feed(fitter, 0.25, 400)
+    assert [f.total_steps for f in fits] == [400]  # the last one ends on the deadline
+
+
 def events_of(run_dir: Path, kind: str) -> list[dict[str, Any]]:
     import json
 
