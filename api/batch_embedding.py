@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
-from api.limits import short_tasks_left, storage_left
+from api.limits import lock_tenant, short_tasks_left, storage_left
 from api.lookups import find_job, pick_checkpoint, ready_dataset
 from api.schemas import EmbeddingJobCreate
 from swav_service.dispatch import enqueue_embedding
@@ -30,6 +30,7 @@ def queue_embedding_job(
     its short tasks in flight, and 503 `broker_unavailable` (the row is then marked failed)
     when the task cannot be sent.
     """
+    lock_tenant(session, tenant)  # the in-flight lookup and the insert stay one step
     job = find_job(session, tenant, job_id)
     checkpoint = pick_checkpoint(session, settings, job, payload.checkpoint_id)
     dataset = ready_dataset(session, tenant, payload.dataset_id or job.dataset_id)

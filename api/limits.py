@@ -3,8 +3,9 @@ concurrent event streams (429), short tasks in flight (429).
 
 Stored bytes are what the database records: the archive bytes of the tenant's datasets
 that still have files (every status but `deleted`) plus the sizes of its checkpoints still
-on disk. The active-job count and the job insert are serialised per tenant on PostgreSQL
-(a transaction-scoped advisory lock), so concurrent creates cannot both take the last slot.
+on disk. The limit checks and the inserts they admit are serialised per tenant (a
+transaction-scoped advisory lock on PostgreSQL, the write lock on SQLite), so concurrent
+creates cannot both take the last slot.
 The embedding rate is a token bucket per tenant in each API process: with several API
 processes behind a balancer, each allows the configured rate.
 """
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import SettingsDep, TenantDep
 from api.errors import ApiError
+from swav_service.db import begin_writing
 from swav_service.models import (
     ACTIVE_EMBEDDING_JOB_STATUSES,
     ACTIVE_JOB_STATUSES,
@@ -47,10 +49,13 @@ def human_bytes(size: int) -> str:
 
 
 def lock_tenant(session: Session, tenant: str) -> None:
-    """Serialise this transaction with the tenant's other limit checks (PostgreSQL only;
-    SQLite has one writer at a time). Released at commit or rollback."""
+    """Serialise this transaction with the tenant's other limit checks: an advisory lock
+    on PostgreSQL, the write lock on SQLite (`begin_writing`). Released at commit or
+    rollback."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": tenant})
+    else:
+        begin_writing(session)
 
 
 def active_jobs(session: Session, tenant: str) -> int:

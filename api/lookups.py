@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError, not_found
+from swav_service.db import begin_writing
 from swav_service.models import DELETED_DATASET, Checkpoint, Dataset, EmbeddingJob, Job
 from swav_service.settings import Settings
 from swav_service.storage import artifact_store
@@ -32,10 +33,12 @@ def find_job(session: Session, tenant: str, job_id: str) -> Job:
 def find_dataset(session: Session, tenant: str, dataset_id: str, lock: bool = False) -> Dataset:
     """The tenant's visible dataset, or ApiError 404 (param dataset_id). A deleted one
     (kept for the finished jobs that refer to it) is not visible. `lock`: SELECT ... FOR
-    UPDATE, for a caller that changes the row."""
+    UPDATE (on SQLite, the write lock), for a caller that changes the row."""
     statement = select(Dataset).where(
         Dataset.id == dataset_id, Dataset.tenant == tenant, Dataset.status != DELETED_DATASET
     )
+    if lock:
+        begin_writing(session)
     row = session.scalar(statement.with_for_update() if lock else statement)
     if row is None:
         raise not_found("dataset", "dataset_id", dataset_id)

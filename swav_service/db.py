@@ -41,6 +41,24 @@ def make_engine(url: str) -> Engine:
     )
 
 
+def begin_writing(session: Session) -> None:
+    """Make the session's transaction a writer from here on, so that what it reads next
+    stays true until it commits: the check-then-insert sections (limits, claims, delete
+    against create).
+
+    On SQLite a transaction begins deferred, at its first write, so two processes can
+    both read a count and both insert; BEGIN IMMEDIATE takes the one write lock now, and
+    the next writer waits for the commit (busy_timeout). A transaction that has written
+    already holds it. On PostgreSQL callers take the row or advisory locks they need.
+    """
+    connection = session.connection()
+    if connection.dialect.name != "sqlite":
+        return
+    driver = connection.connection.dbapi_connection
+    if driver is not None and not driver.in_transaction:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 @lru_cache
 def get_engine() -> Engine:
     settings = get_settings()

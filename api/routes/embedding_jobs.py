@@ -26,7 +26,7 @@ from fastapi.responses import FileResponse
 from api.batch_embedding import queue_embedding_job
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError
-from api.limits import evaluation_in_flight, short_tasks_left
+from api.limits import evaluation_in_flight, lock_tenant, short_tasks_left
 from api.lookups import (
     checkpoint_gone,
     find_checkpoint,
@@ -136,6 +136,7 @@ def evaluate_checkpoint(
     """Queue the checkpoint's quality report on its job's dataset (needs class folders);
     `quality` appears on the checkpoint once computed. Asked again while one is in flight,
     it queues nothing more."""
+    lock_tenant(session, tenant)  # the in-flight check and the request stay one step
     row = find_checkpoint(session, tenant, checkpoint_id)
     if not row.available or stored_path(settings, row) is None:
         raise checkpoint_gone(checkpoint_id)
