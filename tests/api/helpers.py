@@ -4,8 +4,9 @@ would write them), its broker's queues, archives and multipart bodies."""
 from __future__ import annotations
 
 import io
+import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -106,3 +107,10 @@ def multipart_body(parts: list[tuple[str, str | None, bytes]], boundary: str) ->
 def dataset_dirs(service: Service) -> set[str]:
     root = settings_of(service).artifacts / "datasets"
     return {p.name for p in root.iterdir()} if root.is_dir() else set()
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)

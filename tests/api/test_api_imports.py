@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.api.helpers import wait_until
+from tests.conftest import Service
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -21,3 +24,11 @@ def test_importing_the_api_loads_no_torch_and_builds_no_celery_app() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert done.stdout.split() == ["False", "True"], done.stderr
+
+
+def test_the_running_api_imports_the_engine_before_any_request_needs_it(
+    api: Service,
+) -> None:
+    # `api` has answered /healthz only: torch is loaded by the warm-up, not by a request.
+    maps = Path(f"/proc/{api.api.pid}/maps")
+    wait_until(lambda: "libtorch_cpu" in maps.read_text(), 120, "torch in the API process")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
 
 import httpx
 import pytest
@@ -14,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from swav_service.models import Dataset, new_id
 from tests.api.conftest import Deployment, assert_error
+from tests.api.helpers import wait_until
 
 MAX_STREAMS = 40  # above the API's PostgreSQL pool (10 + 20 overflow, swav_service/db.py)
 
@@ -58,13 +58,6 @@ class OpenStream:
 
     def close(self) -> None:
         self._client.close()
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 
