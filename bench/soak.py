@@ -10,8 +10,9 @@ Against `--mode postgres` (a fresh PostgreSQL database and Redis db 14, with an 
 training and a short worker as separate processes) or `--mode embedded`
 (`swav-service up`: SQLite and the filesystem broker). Prints the requests served, the
 5xx count, the p50/p99 latency per route kind, the peak RSS of the API and of each
-worker (sampled every 0.5 s), and whether every job reached a terminal state within
-`--drain-s` after the soak.
+worker (sampled every 0.5 s, and compared between the soak's two halves), and whether
+every job reached a terminal state within `--drain-s` after the soak. Exits 1 unless
+there was no 5xx, every job ended and no process's memory grew.
 
     .venv/bin/python bench/soak.py [--mode postgres|embedded] [--minutes 3] [--tenants 3]
 """
@@ -45,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 TERMINAL = {"succeeded", "failed", "cancelled"}
+MEMORY_SLACK = 1.05
 ID = re.compile(r"/(ds|job|ckpt|emb)_[0-9a-f]+")
 
 
@@ -217,19 +219,28 @@ def main() -> None:
     jobs: list[str] = []
     failures: list[str] = []
     peaks: dict[str, float] = defaultdict(float)
+    # Peak RSS per process in each half of the soak: flat memory is a second half that
+    # peaks no higher than the first (within MEMORY_SLACK), once every kind of request ran.
+    halves: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     sampling = threading.Event()
+    started = until = time.monotonic()
 
     def sample() -> None:
         while not sampling.is_set():
+            now = time.monotonic()
             for name, process in deployment.processes.items():
-                peaks[name] = max(peaks[name], tree_rss_mb(process.pid))
+                mb = tree_rss_mb(process.pid)
+                peaks[name] = max(peaks[name], mb)
+                if started < now < until:
+                    half = int(now > (started + until) / 2)
+                    halves[name][half] = max(halves[name][half], mb)
             time.sleep(0.5)
 
     sampler = threading.Thread(target=sample, daemon=True)
     try:
-        sampler.start()
         started = time.monotonic()
         until = started + 60 * args.minutes
+        sampler.start()
         keys = [deployment.new_key(f"soak-{i}") for i in range(args.tenants)]
         tenants = [
             threading.Thread(target=tenant_loop, args=(deployment, i, key, until, record, lock,
@@ -259,12 +270,17 @@ def main() -> None:
           f"({len(record) / ran:.1f}/s), 5xx: {errors}")
     print("\n".join(summary(record)))
     print("peak RSS: " + ", ".join(f"{name} {mb:.0f} MB" for name, mb in peaks.items()))
+    for name, (first, second) in halves.items():
+        verdict = "flat" if second <= first * MEMORY_SLACK else "GROWING"
+        print(f"  {name}: peak {first:.0f} MB in the first half, {second:.0f} MB in the "
+              f"second: {verdict}")
+    flat = all(second <= first * MEMORY_SLACK for first, second in halves.values())
     terminal = sum(1 for j in jobs if statuses.get(j) in TERMINAL)
     print(f"jobs: {len(jobs)} submitted, {terminal} terminal, "
           f"{sum(1 for j in jobs if statuses.get(j) == 'succeeded')} succeeded")
     for failure in failures[:10]:
         print(f"  failure: {failure}")
-    sys.exit(0 if errors == 0 and terminal == len(jobs) else 1)
+    sys.exit(0 if errors == 0 and terminal == len(jobs) and flat else 1)
 
 
 if __name__ == "__main__":
