@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
+from swav_core.images import load_rgb
 from swav_core.model import SwAVModel
 from swav_core.multicrop import eval_transform, to_rgb_image
 
 Layer = Literal["backbone", "projection"]
+
+# Model-sized pixels per batch when embedding files: 318 images at 224 px, 15 at 1024 px,
+# so that a large input size does not make a count-sized batch of gigabytes.
+BATCH_PIXELS = 16_000_000
+
+
+def images_per_batch(size: int) -> int:
+    """How many `size` x `size` images make one batch of at most BATCH_PIXELS (at least 1)."""
+    return max(1, BATCH_PIXELS // (size * size))
 
 
 def preprocess(images: Sequence[Any], size: int) -> torch.Tensor:
@@ -58,3 +69,28 @@ def embed(
     finally:
         model.train(was_training)
     return F.normalize(result, dim=1) if normalize else result
+
+
+def embed_files(
+    model: SwAVModel,
+    paths: Sequence[Path],
+    layer: Layer = "backbone",
+    normalize: bool = True,
+    size: int = 224,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """`embed` of the images at `paths`, in order, without holding them decoded together.
+
+    Each file is decoded (`load_rgb`) and at once reduced to its model-sized rows, so memory
+    holds one decoded image and one batch of rows: `batch_size` images, by default
+    `images_per_batch(size)`. Same values as `embed` on the decoded list.
+    """
+    if not paths:
+        raise ValueError("no images to embed")
+    per_batch = batch_size or images_per_batch(size)
+    transform = eval_transform(size)
+    outputs = []
+    for start in range(0, len(paths), per_batch):
+        batch = torch.stack([transform(load_rgb(p)) for p in paths[start : start + per_batch]])
+        outputs.append(embed(model, batch, layer, normalize, batch_size=per_batch, size=size))
+    return torch.cat(outputs)

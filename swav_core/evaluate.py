@@ -14,10 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from swav_core.embed import embed
+from swav_core.embed import embed_files
 from swav_core.errors import DataError
 from swav_core.image_folder import scan_image_folder
-from swav_core.images import load_rgb
 from swav_core.model import SwAVModel
 
 Labels = torch.Tensor | Sequence[int]
@@ -199,12 +198,13 @@ def evaluate_model(
     size: int,
     val_fraction: float = 0.2,
     seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int | None = None,
 ) -> dict[str, float]:
     """`evaluate_features` on the model's L2-normalised backbone features of a class folder.
 
-    Images are read `batch_size` at a time, so memory holds one batch of images plus
-    the (N x F) features. Raises `DataError` when `data_dir` has no class subfolders.
+    Images are read as `embed_files` reads them (`batch_size` at a time, by default by a
+    pixel budget), so memory holds one batch of model-sized images plus the (N x F)
+    features. Raises `DataError` when `data_dir` has no class subfolders.
     """
     scan = scan_image_folder(Path(data_dir))
     if scan.labels is None:
@@ -212,11 +212,6 @@ def evaluate_model(
             f"evaluation needs labels: put the images of {scan.root} in one subfolder per "
             "class (e.g. cats/1.jpg, dogs/2.jpg); some images are not in a class subfolder"
         )
-    chunks = []
-    for start in range(0, len(scan.files), batch_size):
-        images = [load_rgb(scan.root / name) for name in scan.files[start : start + batch_size]]
-        chunks.append(
-            embed(model, images, layer="backbone", normalize=True, batch_size=batch_size, size=size)
-        )
-    features = torch.cat(chunks).cpu()
+    paths = [scan.root / name for name in scan.files]
+    features = embed_files(model, paths, "backbone", True, size, batch_size).cpu()
     return evaluate_features(features, scan.labels, val_fraction, seed)

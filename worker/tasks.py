@@ -194,9 +194,6 @@ def run_job(job_id: str) -> None:
 
 # --------------------------------------------------------------------------- embeddings
 
-EMBED_CHUNK = 256
-
-
 def _finish_embedding(embedding_job_id: str, status: str, **values: Any) -> None:
     with session_scope() as session:
         session.execute(
@@ -210,25 +207,20 @@ def compute_embeddings(
     checkpoint: Path, images_dir: Path, layer: Any, normalize: bool
 ) -> tuple[Any, list[str]]:
     """(N x D float32 array, the N relative paths) for every valid image under `images_dir`,
-    in `scan_image_folder(images_dir).files` order (sorted relative POSIX paths)."""
+    in `scan_image_folder(images_dir).files` order (sorted relative POSIX paths), read in
+    batches by a pixel budget (`swav_core.embed.embed_files`)."""
     import numpy as np
     import torch
 
-    from swav_core.embed import embed
+    from swav_core.embed import embed_files
     from swav_core.exports import load_model
-    from swav_core.images import load_rgb
 
     model, config = load_model(checkpoint)
-    scan = scan_image_folder(images_dir)
-    files = list(scan.files)
-    chunks = []
+    files = list(scan_image_folder(images_dir).files)
     with torch.inference_mode():
-        for start in range(0, len(files), EMBED_CHUNK):
-            images = [load_rgb(images_dir / name) for name in files[start : start + EMBED_CHUNK]]
-            rows = embed(model, images, layer, normalize, batch_size=EMBED_CHUNK,
-                         size=config.size_crops[0])
-            chunks.append(rows.cpu().numpy().astype(np.float32))
-    return np.concatenate(chunks), files
+        rows = embed_files(model, [images_dir / name for name in files], layer, normalize,
+                           size=config.size_crops[0])
+    return rows.cpu().numpy().astype(np.float32), files
 
 
 @app.task(name=EMBED_TASK)

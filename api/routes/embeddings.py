@@ -118,15 +118,33 @@ def _too_many(count: int, limit: int, param: str) -> ApiError:
     )
 
 
+# Commas the fields besides `input` may hold: separators, and any in a model id.
+FIELD_COMMAS = 128
+
+
 async def read_json(request: Request, settings: Settings) -> tuple[MultipartFields, list[str]]:
+    """The request's fields and its `input` list, counted before the list is built.
+
+    Base64 holds no comma and a data: URL one, and a list's elements are separated by
+    commas, so a body with more than two commas per allowed image (and the other fields')
+    holds too many inputs: a list of a million tiny strings is refused unparsed.
+    """
     body = b"".join([chunk async for chunk in capped_stream(request, body_cap(settings, True))])
+    limit = settings.max_embedding_items
+    if body.count(b",") > 2 * limit + FIELD_COMMAS:
+        raise ApiError(
+            413,
+            "too_many_inputs",
+            f"input: more than {limit} images; at most {limit} per request (split the request)",
+            "input",
+        )
     try:
         parsed = EmbeddingRequest.model_validate_json(body)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
     inputs = parsed.input
-    if len(inputs) > settings.max_embedding_items:
-        raise _too_many(len(inputs), settings.max_embedding_items, "input")
+    if len(inputs) > limit:
+        raise _too_many(len(inputs), limit, "input")
     fields = MultipartFields.model_validate(parsed.model_dump(exclude={"input"}))
     return fields, inputs
 

@@ -331,6 +331,9 @@ def test_errors(deployment: Seeded, client: httpx.Client) -> None:
 
     assert_error(post_json(client, model, sample_images(9)), 413, "too_many_inputs", "input")
     assert_error(post_multipart(client, model, sample_images(9)), 413, "too_many_inputs", "files")
+    tiny = client.post("/v1/embeddings", json={"model": model, "input": ["AA=="] * 100_000})
+    message = assert_error(tiny, 413, "too_many_inputs", "input")  # counted, not parsed
+    assert "more than 8 images" in message
     big = encode(noise_image(7, (160, 160)), "PNG")  # ~77 kB of noise > 60000 bytes
     assert len(big) > 60000
     assert_error(post_json(client, model, [*ok, big]), 413, "image_too_large", "input.3")
