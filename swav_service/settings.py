@@ -153,6 +153,13 @@ class Settings(BaseSettings):
     tenant_embed_burst: int = Field(
         100, ge=1, description="Embedding requests a tenant may send at once above the rate."
     )
+    tenant_thumbnails_per_s: float = Field(
+        50.0, ge=0, description="Dashboard thumbnails per second per tenant (429); each "
+        "decodes a full image, so an unbounded rate is a cheap way to load the API."
+    )
+    tenant_thumbnails_burst: int = Field(
+        200, ge=1, description="Thumbnails a tenant may ask for at once above the rate."
+    )
 
     @property
     def resolved_database_url(self) -> str:
