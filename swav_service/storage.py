@@ -8,7 +8,8 @@ files that must outlive one machine in an S3-compatible store (AWS S3, MinIO, Ce
 - checkpoints: the runner uploads each one (sidecar first, as the trainer commits it)
   before it records the checkpoint, and deletes it when the trainer prunes it; a worker
   restores the run's checkpoints before it trains, so a job resumes on any machine;
-- dataset images: uploaded after ingestion, restored by a worker that lacks them;
+- dataset images: uploaded after ingestion, restored by a worker that lacks them, and
+  removed by the workers' reconciler once the dataset is deleted (worker/store_sweep.py);
 - downloads: the API streams a checkpoint from the store, and fetches one into its own
   folder only to export it (safetensors) or embed with it.
 
@@ -53,6 +54,14 @@ class ArtifactStore:
 
     def delete(self, path: Path) -> None:
         """Remove a file's copy from the store (if any)."""
+
+    def folders(self, folder: Path) -> list[str]:
+        """Names of the store's folders directly under `folder`."""
+        return []
+
+    def delete_tree(self, folder: Path) -> int:
+        """Remove every object the store holds under `folder`; how many."""
+        return 0
 
     def restore(
         self, folder: Path, exact: bool = False, recorded: Collection[Path] = ()
@@ -111,6 +120,50 @@ class S3Store(ArtifactStore):
         except Exception as error:
             raise StorageError(f"cannot delete {path.name}: {error}") from error
 
+    def _prefix(self, folder: Path) -> str:
+        return self.key(folder).rstrip("/") + "/"
+
+    def folders(self, folder: Path) -> list[str]:
+        prefix = self._prefix(folder)
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, Delimiter="/"
+            )
+            return [
+                item["Prefix"][len(prefix) :].rstrip("/")
+                for page in pages
+                for item in page.get("CommonPrefixes", [])
+            ]
+        except Exception as error:
+            raise StorageError(f"cannot list {folder.name} in the store: {error}") from error
+
+    def delete_tree(self, folder: Path) -> int:
+        """In batches of 1000 keys, the most one DeleteObjects request takes."""
+        prefix = self._prefix(folder)
+        deleted = 0
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            for page in pages:  # at most 1000 keys a page
+                batch = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                if not batch:
+                    continue
+                answer = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+                if answer.get("Errors"):
+                    first = answer["Errors"][0]
+                    raise StorageError(
+                        f"cannot delete {first.get('Key')}: {first.get('Message')}"
+                    )
+                deleted += len(batch)
+        except StorageError:
+            raise
+        except Exception as error:
+            raise StorageError(f"cannot delete {folder.name} from the store: {error}") from error
+        return deleted
+
     def _download(self, key: str, path: Path) -> None:
         """Through swav_core.atomic: never a torn file, durable once here."""
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +186,7 @@ class S3Store(ArtifactStore):
         changes nothing here (a run that began before the store was configured, or whose
         first checkpoint was never uploaded: the trainer resumes from it on this machine).
         """
-        prefix = self.key(folder).rstrip("/") + "/"
+        prefix = self._prefix(folder)
         try:
             objects = {
                 item["Key"]: int(item["Size"])

@@ -251,3 +251,41 @@ def test_a_job_resumes_from_the_store_on_a_machine_without_its_files(
         client(s3_endpoint).delete_object(Bucket=BUCKET, Key=prefix + "final.pt")
         gone = client_.get(f"/v1/checkpoints/{final['id']}/download")
         assert gone.status_code == 410 and gone.json()["error"]["code"] == "checkpoint_gone"
+
+
+def test_a_deleted_datasets_images_leave_the_store_in_the_background(
+    pg_service: Service, s3_endpoint: str, shapes_dir: Path
+) -> None:
+    """The delete answers 204 without touching the store; a worker whose store is
+    unreachable leaves the images for a later pass; a worker that reaches it removes
+    them, and only them."""
+    service = pg_service
+    service.env.update(storage_settings(s3_endpoint, service.data_dir))
+    service.env["SWAV_RECONCILE_INTERVAL_S"] = "0.5"
+    service.start_api()
+    ingester = service.start_worker("short")
+    with service.client() as client_:
+        deleted, kept = (upload_ready_dataset(client_, service, shapes_dir) for _ in range(2))
+        prefixes = [f"artifacts/datasets/{d['id']}/" for d in (deleted, kept)]
+        assert [len(keys(s3_endpoint, p)) for p in prefixes] == [128, 128]
+        os.killpg(ingester.pid, signal.SIGTERM)
+        ingester.wait(timeout=60)
+
+        assert client_.delete(f"/v1/datasets/{deleted['id']}").status_code == 204
+        assert client_.get(f"/v1/datasets/{deleted['id']}").status_code == 404
+
+        reachable = dict(service.env)
+        service.env["SWAV_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
+        blind = service.start_worker("short", name="blind@test")
+        wait_for(lambda: "stay in the store until the next pass" in service.logs(), 120,
+                 "a failed purge pass", service)
+        assert blind.poll() is None  # the pass failed; the worker goes on
+        assert len(keys(s3_endpoint, prefixes[0])) == 128
+        os.killpg(blind.pid, signal.SIGTERM)
+        blind.wait(timeout=60)
+
+        service.env = reachable
+        service.start_worker("short", name="sighted@test")
+        wait_for(lambda: not keys(s3_endpoint, prefixes[0]), 60, "the purge", service)
+        assert len(keys(s3_endpoint, prefixes[1])) == 128
+        assert client_.get(f"/v1/datasets/{kept['id']}").json()["status"] == "ready"
