@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     train_queue: str = "train"
     short_queue: str = "short"
     events_metrics_every_s: float = Field(1.0, description="Throttle for metric events.")
+    max_events_per_job: int = Field(
+        10_000, ge=0, description="Events a job's log keeps (0: no cap); past it, every "
+        "other metrics and epoch event is removed, lifecycle events never (job_state.py)."
+    )
     cancel_grace_s: float = Field(60.0, description="Hard stop after a cooperative cancel.")
     poll_interval_s: float = 0.5
 
