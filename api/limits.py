@@ -1,12 +1,12 @@
-"""Per-tenant limits: active jobs (429), stored bytes (403), embedding request rate (429),
-concurrent event streams (429), short tasks in flight (429).
+"""Per-tenant limits: active jobs (429), stored bytes (403), embedding and thumbnail request
+rates (429), concurrent event streams (429), short tasks in flight (429).
 
 Stored bytes are what the database records: the archive bytes of the tenant's datasets
 that still have files (every status but `deleted`) plus the sizes of its checkpoints still
 on disk. The limit checks and the inserts they admit are serialised per tenant (a
 transaction-scoped advisory lock on PostgreSQL, the write lock on SQLite), so concurrent
 creates cannot both take the last slot.
-The embedding rate is a token bucket per tenant in each API process: with several API
+Each request rate is a token bucket per tenant in each API process: with several API
 processes behind a balancer, each allows the configured rate.
 """
 
@@ -15,8 +15,10 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from fastapi import Request
 from sqlalchemy import func, select, text
@@ -156,35 +158,64 @@ class RateLimiter:
         }
 
 
-def rate_limited(settings: Settings, wait_s: float) -> ApiError:
+@dataclass(frozen=True)
+class RateLimit:
+    """One per-tenant request rate: what it counts, and the settings that bound it."""
+
+    name: str  # the app.state attribute holding its buckets
+    what: str  # in the message: "over the limit of 20 <what> per second ..."
+    setting: str
+    rate: Callable[[Settings], float]
+    burst: Callable[[Settings], int]
+
+
+EMBEDDING_RATE = RateLimit(
+    "embedding_rate_limiter", "embedding requests", "SWAV_TENANT_EMBED_RATE_PER_S",
+    lambda s: s.tenant_embed_rate_per_s, lambda s: s.tenant_embed_burst,
+)
+THUMBNAIL_RATE = RateLimit(
+    "thumbnail_rate_limiter", "thumbnails", "SWAV_TENANT_THUMBNAILS_PER_S",
+    lambda s: s.tenant_thumbnails_per_s, lambda s: s.tenant_thumbnails_burst,
+)
+
+
+def rate_limited(limit: RateLimit, settings: Settings, wait_s: float) -> ApiError:
     """ApiError 429 `rate_limited` with Retry-After: whole seconds, rounded up."""
     retry_after = max(1, math.ceil(wait_s))
     return ApiError(
         429,
         "rate_limited",
-        f"over the limit of {settings.tenant_embed_rate_per_s:g} embedding requests per "
-        f"second per tenant (burst {settings.tenant_embed_burst}, "
-        f"SWAV_TENANT_EMBED_RATE_PER_S); retry after {retry_after} s",
+        f"over the limit of {limit.rate(settings):g} {limit.what} per "
+        f"second per tenant (burst {limit.burst(settings)}, "
+        f"{limit.setting}); retry after {retry_after} s",
         headers={"Retry-After": str(retry_after)},
     )
 
 
-async def limit_rate(request: Request, settings: SettingsDep, tenant: TenantDep) -> None:
-    """ApiError 429 with Retry-After when the tenant is over its embedding request rate
-    (a route dependency of the embedding and neighbours routes).
+def rate_dependency(limit: RateLimit) -> Callable[..., Coroutine[Any, Any, None]]:
+    """A route dependency: ApiError 429 with Retry-After when the tenant is over `limit`.
 
-    Runs before the body is read, so a refused request costs no parsing or decoding; on
-    the event loop, so the bucket table is made once.
+    Runs before the body is read and before any lookup, so a refused request costs no
+    parsing, decoding or query; on the event loop, so the bucket table is made once.
     """
-    if not settings.tenant_embed_rate_per_s:
-        return
-    limiter: RateLimiter | None = getattr(request.app.state, "embedding_rate_limiter", None)
-    if limiter is None:
-        limiter = RateLimiter(settings.tenant_embed_rate_per_s, settings.tenant_embed_burst)
-        request.app.state.embedding_rate_limiter = limiter
-    wait_s = limiter.acquire(tenant)
-    if wait_s > 0:
-        raise rate_limited(settings, wait_s)
+
+    async def check(request: Request, settings: SettingsDep, tenant: TenantDep) -> None:
+        rate = limit.rate(settings)
+        if not rate:
+            return
+        limiter: RateLimiter | None = getattr(request.app.state, limit.name, None)
+        if limiter is None:
+            limiter = RateLimiter(rate, limit.burst(settings))
+            setattr(request.app.state, limit.name, limiter)
+        wait_s = limiter.acquire(tenant)
+        if wait_s > 0:
+            raise rate_limited(limit, settings, wait_s)
+
+    return check
+
+
+limit_rate = rate_dependency(EMBEDDING_RATE)  # the embedding and neighbours routes
+limit_thumbnail_rate = rate_dependency(THUMBNAIL_RATE)
 
 
 class StreamSlots:

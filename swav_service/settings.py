@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     train_queue: str = "train"
     short_queue: str = "short"
     events_metrics_every_s: float = Field(1.0, description="Throttle for metric events.")
+    max_events_per_job: int = Field(
+        10_000, ge=0, description="Events a job's log keeps (0: no cap); past it, every "
+        "other metrics and epoch event is removed, lifecycle events never (job_state.py)."
+    )
     cancel_grace_s: float = Field(60.0, description="Hard stop after a cooperative cancel.")
     poll_interval_s: float = 0.5
 
@@ -152,6 +156,13 @@ class Settings(BaseSettings):
     )
     tenant_embed_burst: int = Field(
         100, ge=1, description="Embedding requests a tenant may send at once above the rate."
+    )
+    tenant_thumbnails_per_s: float = Field(
+        50.0, ge=0, description="Dashboard thumbnails per second per tenant (429); each "
+        "decodes a full image, so an unbounded rate is a cheap way to load the API."
+    )
+    tenant_thumbnails_burst: int = Field(
+        200, ge=1, description="Thumbnails a tenant may ask for at once above the rate."
     )
 
     @property

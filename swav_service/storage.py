@@ -8,7 +8,8 @@ files that must outlive one machine in an S3-compatible store (AWS S3, MinIO, Ce
 - checkpoints: the runner uploads each one (sidecar first, as the trainer commits it)
   before it records the checkpoint, and deletes it when the trainer prunes it; a worker
   restores the run's checkpoints before it trains, so a job resumes on any machine;
-- dataset images: uploaded after ingestion, restored by a worker that lacks them;
+- dataset images: uploaded after ingestion, restored by a worker that lacks them, and
+  removed by the workers' reconciler once the dataset is deleted (worker/store_sweep.py);
 - downloads: the API streams a checkpoint from the store, and fetches one into its own
   folder only to export it (safetensors) or embed with it.
 
@@ -18,14 +19,15 @@ the store mirrors the folder's layout.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Collection, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from swav_core.atomic import atomic_writer
-from swav_core.checkpoint_names import SIDECAR_SUFFIX
+from swav_core.checkpoint_names import FINAL_NAME, SIDECAR_SUFFIX
 from swav_service.settings import Settings
 
 CHUNK_BYTES = 1024 * 1024
@@ -53,9 +55,19 @@ class ArtifactStore:
     def delete(self, path: Path) -> None:
         """Remove a file's copy from the store (if any)."""
 
-    def restore(self, folder: Path, exact: bool = False) -> int:
+    def folders(self, folder: Path) -> list[str]:
+        """Names of the store's folders directly under `folder`."""
+        return []
+
+    def delete_tree(self, folder: Path) -> int:
+        """Remove every object the store holds under `folder`; how many."""
+        return 0
+
+    def restore(
+        self, folder: Path, exact: bool = False, recorded: Collection[Path] = ()
+    ) -> int:
         """Download what the store holds under `folder` and the folder lacks; how many.
-        `exact`: also remove the folder's checkpoint files that the store does not hold."""
+        `exact`: also reconcile the folder's checkpoints with the store's (S3Store)."""
         return 0
 
     def fetch(self, path: Path) -> bool:
@@ -108,6 +120,50 @@ class S3Store(ArtifactStore):
         except Exception as error:
             raise StorageError(f"cannot delete {path.name}: {error}") from error
 
+    def _prefix(self, folder: Path) -> str:
+        return self.key(folder).rstrip("/") + "/"
+
+    def folders(self, folder: Path) -> list[str]:
+        prefix = self._prefix(folder)
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, Delimiter="/"
+            )
+            return [
+                item["Prefix"][len(prefix) :].rstrip("/")
+                for page in pages
+                for item in page.get("CommonPrefixes", [])
+            ]
+        except Exception as error:
+            raise StorageError(f"cannot list {folder.name} in the store: {error}") from error
+
+    def delete_tree(self, folder: Path) -> int:
+        """In batches of 1000 keys, the most one DeleteObjects request takes."""
+        prefix = self._prefix(folder)
+        deleted = 0
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            for page in pages:  # at most 1000 keys a page
+                batch = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                if not batch:
+                    continue
+                answer = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+                if answer.get("Errors"):
+                    first = answer["Errors"][0]
+                    raise StorageError(
+                        f"cannot delete {first.get('Key')}: {first.get('Message')}"
+                    )
+                deleted += len(batch)
+        except StorageError:
+            raise
+        except Exception as error:
+            raise StorageError(f"cannot delete {folder.name} from the store: {error}") from error
+        return deleted
+
     def _download(self, key: str, path: Path) -> None:
         """Through swav_core.atomic: never a torn file, durable once here."""
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,15 +173,20 @@ class S3Store(ArtifactStore):
     def _read(self, key: str) -> bytes:
         return bytes(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
 
-    def restore(self, folder: Path, exact: bool = False) -> int:
+    def restore(
+        self, folder: Path, exact: bool = False, recorded: Collection[Path] = ()
+    ) -> int:
         """Objects under `folder` that are missing here, differ in size, or (checkpoints)
         whose sidecar differs from the local one are downloaded; sidecars are always
-        compared, so a file left by an older run on this machine is replaced. With
-        `exact`, checkpoint files (*.pt and sidecars) that the store lacks are removed:
-        one saved here but never uploaded (its worker died) is not part of the job's
-        history, and must not be resumed from. A store that holds none for the folder
-        removes nothing (a run that began before the store was configured)."""
-        prefix = self.key(folder).rstrip("/") + "/"
+        compared, so a file left by an older run on this machine is replaced.
+
+        With `exact`, the folder's checkpoints that the store lacks are reconciled
+        (`_reconcile`): uploaded when they may be the only copy of the job's progress,
+        removed when the store holds newer ones. A store that holds none for the folder
+        changes nothing here (a run that began before the store was configured, or whose
+        first checkpoint was never uploaded: the trainer resumes from it on this machine).
+        """
+        prefix = self._prefix(folder)
         try:
             objects = {
                 item["Key"]: int(item["Size"])
@@ -135,10 +196,14 @@ class S3Store(ArtifactStore):
                 for item in page.get("Contents", [])
             }
             stale: set[str] = set()
+            stored_order: list[tuple[int, bool]] = []
             for key in objects:
                 if key.endswith(SIDECAR_SUFFIX):
                     path = self.path_of(key)
                     data = self._read(key)
+                    order = _checkpoint_order(path.name.removesuffix(SIDECAR_SUFFIX), data)
+                    if order is not None:
+                        stored_order.append(order)
                     if not path.is_file() or path.read_bytes() != data:
                         stale.add(key.removesuffix(SIDECAR_SUFFIX))
             fetched = 0
@@ -149,17 +214,50 @@ class S3Store(ArtifactStore):
                     continue
                 self._download(key, path)
                 fetched += 1
-            if exact and objects and folder.is_dir():  # none: the run predates the store
+            if exact and objects and folder.is_dir():
                 kept = {self.path_of(key) for key in objects}
-                for path in folder.iterdir():
-                    checkpoint = path.name.endswith((".pt", ".pt" + SIDECAR_SUFFIX))
-                    if checkpoint and path.resolve() not in kept:
-                        path.unlink(missing_ok=True)
+                self._reconcile(folder, kept, max(stored_order, default=None), recorded)
         except StorageError:
             raise
         except Exception as error:
             raise StorageError(f"cannot restore {folder.name} from the store: {error}") from error
         return fetched
+
+    def _reconcile(
+        self,
+        folder: Path,
+        stored: set[Path],
+        newest_stored: tuple[int, bool] | None,
+        recorded: Collection[Path],
+    ) -> None:
+        """The folder's checkpoints that the store lacks: each is the only copy there is.
+
+        Uploaded (sidecar first, as the runner uploads them) when the job recorded it
+        (`recorded`: its upload failed, yet its row says available) or it is newer than
+        every stored checkpoint (its worker died before uploading it: the job's latest
+        progress). Removed otherwise: a later run elsewhere went past it and pruned it from
+        the store, so resuming from it would go back in time. A checkpoint without its
+        sidecar never committed (the trainer writes the sidecar first), nor does a sidecar
+        alone: both are removed.
+        """
+        recorded = {path.resolve() for path in recorded}
+        for path in sorted(folder.iterdir()):
+            if not path.name.endswith(".pt") or path.resolve() in stored:
+                continue
+            sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+            order = _checkpoint_order(path.name, sidecar.read_bytes()) if sidecar.is_file() \
+                else None
+            newer = order is not None and (newest_stored is None or order > newest_stored)
+            if order is not None and (newer or path.resolve() in recorded):
+                self.upload(sidecar)
+                self.upload(path)
+                continue
+            path.unlink(missing_ok=True)
+            sidecar.unlink(missing_ok=True)
+        for sidecar in folder.glob("*.pt" + SIDECAR_SUFFIX):
+            checkpoint = sidecar.with_name(sidecar.name.removesuffix(SIDECAR_SUFFIX))
+            if not checkpoint.exists() and sidecar.resolve() not in stored:
+                sidecar.unlink(missing_ok=True)
 
     def fetch(self, path: Path) -> bool:
         if path.is_file():
@@ -188,6 +286,16 @@ class S3Store(ArtifactStore):
                 body.close()
 
         return int(answer["ContentLength"]), chunks()
+
+
+def _checkpoint_order(name: str, sidecar: bytes) -> tuple[int, bool] | None:
+    """(step, final) of a checkpoint from its sidecar (final.pt comes after the step
+    checkpoint of its step), or None when the sidecar is unreadable."""
+    try:
+        step = json.loads(sidecar)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return (step, name == FINAL_NAME) if isinstance(step, int) else None
 
 
 def _not_found(error: Exception) -> bool:

@@ -12,7 +12,8 @@ is a compare-and-set, so several at once are safe) repairs each case:
 - a cancelling job whose lease expired is `cancelled` (nobody is left to stop);
 - a queued job whose message is in neither the broker's queue nor its unacked set after
   `resend_after_s` is sent again (a duplicate is harmless: claims are compare-and-set);
-  a multi-node job gets one per node rank neither claimed nor waiting in a queue.
+  a multi-node job gets one per node rank neither claimed nor waiting in a queue;
+- a deleted dataset's images are removed from the artifact store (worker/store_sweep.py).
 
 A job that leaves its run this way also loses its node-rank claims (worker/ranks.py), so
 the nodes of a multi-node gang stop, and the next run gathers a new one.
@@ -39,6 +40,7 @@ from swav_service.job_state import append_event, change_status
 from swav_service.models import Job, Worker, utcnow
 from swav_service.settings import Settings
 from worker.ranks import live_ranks, release_ranks
+from worker.store_sweep import purge_deleted_datasets
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +188,12 @@ def _lost_messages(settings: Settings) -> int:
 
 
 def reconcile_once(settings: Settings) -> dict[str, int]:
-    """One pass; how many jobs it moved or re-sent."""
-    return {"leases": _expired_leases(settings), "resent": _lost_messages(settings)}
+    """One pass; how many jobs it moved or re-sent, and datasets it purged from the store."""
+    return {
+        "leases": _expired_leases(settings),
+        "resent": _lost_messages(settings),
+        "datasets_purged": purge_deleted_datasets(settings),
+    }
 
 
 def record_presence(

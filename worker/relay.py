@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from swav_core.checkpoint_names import sidecar_path
 from swav_service.db import session_scope
 from swav_service.dispatch import enqueue_evaluation
-from swav_service.job_state import append_event
+from swav_service.job_state import append_event, append_warning
 from swav_service.models import Checkpoint, Dataset, Job, new_id, utcnow
 from swav_service.settings import Settings
 from swav_service.storage import ArtifactStore, StorageError
@@ -38,7 +38,9 @@ class Relay:
 
     The read offset advances only after the transaction that stored the events commits,
     so a database outage delays events but loses none. Metric events update the job row
-    every time and enter the event log at most every `events_metrics_every_s`.
+    every time and enter the event log at most every `events_metrics_every_s`; the log is
+    capped at `max_events_per_job` by thinning them, and a repeated warning is counted on
+    its first event (swav_service/job_state.py).
 
     With a remote artifact store (swav_service/storage.py), a checkpoint event waits, and
     the events after it, until its files are uploaded (in a thread, so the lease is
@@ -90,7 +92,8 @@ class Relay:
         ):
             with session_scope() as session:
                 self.lease.guard(session)
-                append_event(session, self.job_id, "metrics", self.pending_metrics)
+                append_event(session, self.job_id, "metrics", self.pending_metrics,
+                             self.settings.max_events_per_job)
             self.pending_metrics = None
             self.last_metrics_at = time.monotonic()
 
@@ -195,7 +198,10 @@ class Relay:
                 )
             self._mark_pruned(session)
             event = {**event, "path": path, "checkpoint_id": checkpoint_id}
-        append_event(session, self.job_id, kind, event)
+        if kind == "warning":
+            append_warning(session, self.job_id, event, self.settings.max_events_per_job)
+            return
+        append_event(session, self.job_id, kind, event, self.settings.max_events_per_job)
 
     def _record_checkpoint(self, session: Session, event: dict[str, Any], path: str) -> str:
         """One row per (step, final): a file saved again at the same step (a resumed run

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -33,7 +34,7 @@ from swav_service.db import session_scope
 from swav_service.dispatch import enqueue_job
 from swav_service.job_state import append_event, change_status
 from swav_service.layout import dataset_images_dir, job_run_dir
-from swav_service.models import Job, utcnow
+from swav_service.models import Checkpoint, Job, utcnow
 from swav_service.settings import Settings
 from swav_service.storage import artifact_store
 from worker.child import SHUTDOWN, Supervision, start_child, supervise
@@ -81,11 +82,24 @@ def prepare_run_folder(
         spec["run_dir"] = str(run_dir)
     store = artifact_store(settings)
     if store.remote:  # a run that began on another machine resumes from its checkpoints
-        store.restore(run_dir / "checkpoints", exact=True)
+        recorded = recorded_checkpoints(job.id, settings)
+        store.restore(run_dir / "checkpoints", exact=True, recorded=recorded)
         if not data_dir.is_dir():
             store.restore(data_dir)
     spec["launched_at"] = time.time()  # a budget (config.budget_s) counts from the launch
     return spec
+
+
+def recorded_checkpoints(job_id: str, settings: Settings) -> list[Path]:
+    """The files of the job's checkpoints that its rows say are available: a restore
+    uploads them rather than remove them, even if their upload failed before."""
+    with session_scope() as session:
+        paths = session.scalars(
+            select(Checkpoint.path).where(
+                Checkpoint.job_id == job_id, Checkpoint.available.is_(True)
+            )
+        ).all()
+    return [settings.artifacts / path for path in paths]
 
 
 def train_under_lease(

@@ -40,7 +40,7 @@ from api.dashboard.thumbnails import (
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.embedding_service import get_service
 from api.errors import ApiError, not_found
-from api.limits import limit_rate
+from api.limits import limit_rate, limit_thumbnail_rate
 from api.lookups import find_dataset, find_job
 from api.model_resolution import ResolvedModel
 from api.openapi import BINARY, form_body
@@ -233,7 +233,9 @@ async def find_neighbours(
 @router.get(
     "/v1/jobs/{job_id}/images/{path:path}",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}, "description": "A PNG thumbnail."}},
+    responses={200: {"content": {"image/png": {}}, "description": "A PNG thumbnail."},
+               **RATE_LIMITED},
+    dependencies=[Depends(limit_thumbnail_rate)],
 )
 def dataset_image(
     job_id: str,

@@ -213,7 +213,9 @@ def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> Data
 def delete_dataset(
     dataset_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
 ) -> Response:
-    """Delete the dataset's files, and its row unless finished jobs refer to it."""
+    """Delete the dataset's files, and its row unless finished jobs refer to it. With an
+    artifact store, the workers remove its copies there in the background
+    (worker/store_sweep.py), so a store outage never fails the delete."""
     # The row lock serialises this with job creation, which locks the dataset too.
     row = find_dataset(session, tenant, dataset_id, lock=True)
     if row.status == "validating":

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -36,6 +37,8 @@ LIMITS = {
     "SWAV_TENANT_MAX_STORED_BYTES": "100000",
     "SWAV_TENANT_EMBED_RATE_PER_S": "1",
     "SWAV_TENANT_EMBED_BURST": "5",
+    "SWAV_TENANT_THUMBNAILS_PER_S": "1",
+    "SWAV_TENANT_THUMBNAILS_BURST": "3",
 }
 UNAUTHORIZED = {
     "error": {
@@ -318,6 +321,36 @@ def test_another_tenants_ids_answer_404_on_every_route(deployment: Deployment) -
                     assert response.status_code < 500, (path, response.text)
         model = owner.post("/v1/embeddings", json={"model": a.job, "input": ["aGk="]})
         assert_error(model, 409, "model_not_ready", "model")
+
+
+def test_thumbnail_rate_limit_is_429_with_retry_after(deployment: Deployment) -> None:
+    """Each thumbnail decodes a whole image: past the tenant's burst the route answers 429
+    before it looks anything up, and neither the neighbour tenant nor the embedding
+    rate is charged for it."""
+    tenants = [deployment.new_tenant() for _ in range(2)]
+    urls = []
+    for tenant, _ in tenants:
+        owned = add_objects(deployment, tenant)
+        image = deployment.artifacts / "datasets" / owned.dataset / "images" / "a" / "0.png"
+        image.parent.mkdir(parents=True)
+        Image.new("RGB", (8, 8), "red").save(image)
+        urls.append(f"/v1/jobs/{owned.job}/images/a/0.png")
+    (_, client), (_, neighbour) = tenants
+    with client, neighbour:
+        statuses = [client.get(urls[0]).status_code for _ in range(3)]
+        assert statuses == [200] * 3  # the burst of 3
+        limited = client.get(urls[0])
+        message = assert_error(limited, 429, "rate_limited", None)
+        assert message == ("over the limit of 1 thumbnails per second per tenant (burst 3, "
+                           "SWAV_TENANT_THUMBNAILS_PER_S); retry after 1 s")
+        assert limited.headers["retry-after"] == "1"
+        assert_error(client.get("/v1/jobs/job_unknown/images/a/0.png"), 429, "rate_limited",
+                     None)  # refused before the lookup
+        assert neighbour.get(urls[1]).status_code == 200
+        embedding = {"model": "job_unknown", "input": ["aGk="]}
+        assert client.post("/v1/embeddings", json=embedding).status_code == 404
+        time.sleep(1.1)
+        assert client.get(urls[0]).status_code == 200
 
 
 def test_clients_cannot_set_tenant_status_or_attempt(deployment: Deployment) -> None:

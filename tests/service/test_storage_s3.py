@@ -10,6 +10,7 @@ the stored checkpoint and that downloads stream from the store.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -91,7 +92,7 @@ def test_store_mirrors_the_artifacts_folder(s3_endpoint: str, tmp_path: Path) ->
     run = settings.job_dir("job_x") / "run" / "checkpoints"
     run.mkdir(parents=True)
     (run / "step-000000004.pt").write_bytes(b"weights" * 1000)
-    sidecar_path(run / "step-000000004.pt").write_text('{"sha256": "a"}')
+    sidecar_path(run / "step-000000004.pt").write_text('{"sha256": "a", "step": 4}')
     assert store.upload_tree(run) == 2
     assert set(keys(s3_endpoint, "artifacts/jobs/job_x/")) == {
         "artifacts/jobs/job_x/run/checkpoints/step-000000004.pt",
@@ -105,17 +106,10 @@ def test_store_mirrors_the_artifacts_folder(s3_endpoint: str, tmp_path: Path) ->
     assert store.restore(run) == 0
     # A file of the same size left by an older run is replaced when its sidecar differs.
     (run / "step-000000004.pt").write_bytes(b"WEIGHTS" * 1000)
-    sidecar_path(run / "step-000000004.pt").write_text('{"sha256": "b"}')
+    sidecar_path(run / "step-000000004.pt").write_text('{"sha256": "b", "step": 4}')
     assert store.restore(run) == 2
     assert (run / "step-000000004.pt").read_bytes() == b"weights" * 1000
 
-    # `exact`: a checkpoint saved here but never uploaded is not resumed from.
-    (run / "step-000000008.pt").write_bytes(b"never uploaded")
-    sidecar_path(run / "step-000000008.pt").write_text('{"sha256": "c"}')
-    assert store.restore(run, exact=True) == 0
-    assert sorted(p.name for p in run.iterdir()) == [
-        "step-000000004.pt", "step-000000004.pt.sha256"
-    ]
 
     opened = store.stream(run / "step-000000004.pt")
     assert opened is not None and opened[0] == 7000
@@ -130,6 +124,60 @@ def test_store_mirrors_the_artifacts_folder(s3_endpoint: str, tmp_path: Path) ->
     broken = S3Store(settings.artifacts, "no-such-bucket", "", client(s3_endpoint))
     with pytest.raises(StorageError):
         broken.upload(sidecar_path(run / "step-000000004.pt"))
+
+
+def save(folder: Path, name: str, step: int, data: bytes) -> Path:
+    """A checkpoint file and its sidecar, as the trainer commits them (sidecar first)."""
+    path = folder / name
+    sidecar_path(path).write_text(json.dumps({"file": name, "sha256": sha256(data),
+                                              "size": len(data), "step": step}))
+    path.write_bytes(data)
+    return path
+
+
+def test_an_exact_restore_never_removes_the_only_copy_of_the_jobs_progress(
+    s3_endpoint: str, tmp_path: Path
+) -> None:
+    """`restore(exact=True)` before a run: a checkpoint the store lacks is uploaded when it
+    is newer than the stored ones (its worker died before uploading it) or recorded (its
+    upload failed); one a later run elsewhere went past is removed; so are half-commits."""
+    env = storage_settings(s3_endpoint, tmp_path / "a")
+    settings = Settings(**{k.removeprefix("SWAV_").lower(): v for k, v in env.items()})
+    store = artifact_store(settings)
+    run = settings.job_dir("job_x") / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    prefix = "artifacts/jobs/job_x/run/checkpoints/"
+    save(run, "step-000000004.pt", 4, b"four")
+    save(run, "step-000000006.pt", 6, b"six")
+    assert store.upload_tree(run) == 4
+
+    pruned_elsewhere = save(run, "step-000000002.pt", 2, b"two")  # older, unrecorded
+    upload_failed = save(run, "step-000000003.pt", 3, b"three")  # older, recorded
+    not_uploaded = save(run, "step-000000008.pt", 8, b"eight")  # newer than the store
+    half_saved = run / "step-000000010.pt.sha256"  # a save that died before its rename
+    half_saved.write_text('{"step": 10}')
+    (run / "step-000000012.pt").write_bytes(b"no sidecar: never committed")
+
+    assert store.restore(run, exact=True, recorded=[upload_failed]) == 0
+    names = ["step-000000003.pt", "step-000000004.pt", "step-000000006.pt",
+             "step-000000008.pt"]
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        names + [n + ".sha256" for n in names]
+    )
+    assert not pruned_elsewhere.exists()
+    stored = keys(s3_endpoint, prefix)
+    assert set(stored) == {prefix + n for n in names} | {prefix + n + ".sha256" for n in names}
+    assert stored[prefix + not_uploaded.name] == len(b"eight")
+
+    # Another machine now resumes from step 8, the job's latest progress.
+    shutil.rmtree(settings.artifacts)
+    assert store.restore(run, exact=True) == 8
+    assert (run / "step-000000008.pt").read_bytes() == b"eight"
+
+    # A final checkpoint at the newest step counts as newer than that step's checkpoint.
+    final = save(run, "final.pt", 8, b"final")
+    store.restore(run, exact=True)
+    assert final.exists() and prefix + "final.pt" in keys(s3_endpoint, prefix)
 
 
 def sha256(data: bytes) -> str:
@@ -203,3 +251,41 @@ def test_a_job_resumes_from_the_store_on_a_machine_without_its_files(
         client(s3_endpoint).delete_object(Bucket=BUCKET, Key=prefix + "final.pt")
         gone = client_.get(f"/v1/checkpoints/{final['id']}/download")
         assert gone.status_code == 410 and gone.json()["error"]["code"] == "checkpoint_gone"
+
+
+def test_a_deleted_datasets_images_leave_the_store_in_the_background(
+    pg_service: Service, s3_endpoint: str, shapes_dir: Path
+) -> None:
+    """The delete answers 204 without touching the store; a worker whose store is
+    unreachable leaves the images for a later pass; a worker that reaches it removes
+    them, and only them."""
+    service = pg_service
+    service.env.update(storage_settings(s3_endpoint, service.data_dir))
+    service.env["SWAV_RECONCILE_INTERVAL_S"] = "0.5"
+    service.start_api()
+    ingester = service.start_worker("short")
+    with service.client() as client_:
+        deleted, kept = (upload_ready_dataset(client_, service, shapes_dir) for _ in range(2))
+        prefixes = [f"artifacts/datasets/{d['id']}/" for d in (deleted, kept)]
+        assert [len(keys(s3_endpoint, p)) for p in prefixes] == [128, 128]
+        os.killpg(ingester.pid, signal.SIGTERM)
+        ingester.wait(timeout=60)
+
+        assert client_.delete(f"/v1/datasets/{deleted['id']}").status_code == 204
+        assert client_.get(f"/v1/datasets/{deleted['id']}").status_code == 404
+
+        reachable = dict(service.env)
+        service.env["SWAV_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
+        blind = service.start_worker("short", name="blind@test")
+        wait_for(lambda: "stay in the store until the next pass" in service.logs(), 120,
+                 "a failed purge pass", service)
+        assert blind.poll() is None  # the pass failed; the worker goes on
+        assert len(keys(s3_endpoint, prefixes[0])) == 128
+        os.killpg(blind.pid, signal.SIGTERM)
+        blind.wait(timeout=60)
+
+        service.env = reachable
+        service.start_worker("short", name="sighted@test")
+        wait_for(lambda: not keys(s3_endpoint, prefixes[0]), 60, "the purge", service)
+        assert len(keys(s3_endpoint, prefixes[1])) == 128
+        assert client_.get(f"/v1/datasets/{kept['id']}").json()["status"] == "ready"

@@ -144,3 +144,60 @@ def test_start_at_end_skips_what_an_earlier_run_relayed(
     assert event_types(lease.job_id)[-1] == "resumed"
     assert job_row(lease.job_id).step == 2
     assert "metrics" not in event_types(lease.job_id)
+
+
+def test_a_long_run_keeps_a_bounded_log_that_spans_it(
+    running: tuple[Lease, Path], service_db: Settings
+) -> None:
+    """Past SWAV_MAX_EVENTS_PER_JOB rows, every other metrics and epoch event goes (the
+    first and newest stay), lifecycle events all stay, seqs only grow (so a cursor taken
+    before a thinning still pages on), and a warning repeated every step is one row."""
+    lease, run_dir = running
+    cap = 40
+    settings = service_db.model_copy(
+        update={"events_metrics_every_s": 0, "max_events_per_job": cap}
+    )
+    relay = Relay(lease, run_dir, settings)
+    append(run_dir, {"type": "started", "step": 0, "epoch": 0, "total_steps": 100})
+    seen: list[int] = []
+    cursor = 0
+    for step in range(1, 101):
+        warning = {"type": "warning", "code": "slow_loader", "message": "the loader is slow",
+                   "step": step}
+        append(run_dir, metrics(step, 1 / step), warning)
+        if step % 10 == 0:
+            append(run_dir, {"type": "epoch", "epoch": step // 10, "step": step, "loss": 0.1})
+        relay.poll()
+        with session_scope() as session:
+            rows = session.execute(
+                select(JobEvent.seq, JobEvent.type).where(
+                    JobEvent.job_id == lease.job_id, JobEvent.seq > cursor
+                ).order_by(JobEvent.seq)
+            ).all()
+            count = len(session.scalars(
+                select(JobEvent.id).where(JobEvent.job_id == lease.job_id)).all())
+        assert count <= cap, step
+        seen += [seq for seq, _ in rows]
+        cursor = rows[-1][0]  # what a reader paging with `after` holds next
+
+    # The claim's "running" state, started, one warning row, 100 metrics, 10 epochs: a
+    # reader paging along saw every seq once, in order, none reused.
+    assert seen == list(range(1, 1 + 1 + 1 + 100 + 10 + 1))
+    with session_scope() as session:
+        events = session.execute(
+            select(JobEvent.type, JobEvent.data)
+            .where(JobEvent.job_id == lease.job_id).order_by(JobEvent.seq)
+        ).all()
+    kinds = [kind for kind, _ in events]
+    assert kinds.count("started") == 1 and kinds.count("warning") == 1
+    warning = next(data for kind, data in events if kind == "warning")
+    assert (warning["count"], warning["step"], warning["last_step"]) == (100, 1, 100)
+    steps = [data["step"] for kind, data in events if kind == "metrics"]
+    assert steps[0] == 1 and steps[-1] == 100 and steps == sorted(steps)
+    # Thinning keeps the seqs that are multiples of the smallest power-of-two stride that
+    # leaves cap / 2 = 20 rows: 3 lifecycle rows and 4 pinned ones (first and newest metrics
+    # and epoch) leave 13 strided ones over at most 113 seqs, so the stride is below
+    # 2 x 113 / 13, and so is any gap in steps (each step took at least one seq).
+    assert max(b - a for a, b in zip(steps, steps[1:], strict=False)) < 2 * 113 / 13
+    epochs = [data["epoch"] for kind, data in events if kind == "epoch"]
+    assert epochs[0] == 1 and epochs[-1] == 10
