@@ -36,7 +36,7 @@ from swav_service.layout import dataset_images_dir, job_run_dir
 from swav_service.models import Job, utcnow
 from swav_service.settings import Settings
 from swav_service.storage import artifact_store
-from worker.child import SHUTDOWN, Supervision, start_child, supervise
+from worker.child import SHUTDOWN, STORAGE_STOP, Supervision, start_child, supervise
 from worker.launch import NodeLaunch, child_command
 from worker.lease import Lease, LeaseLost, claim
 from worker.ranks import release_ranks
@@ -130,6 +130,8 @@ def _supervise(
     """One round of the runner's loop: relay, renew when due, and decide whether to stop."""
     try:
         relay.poll()
+        if relay.storage_refusal is not None:
+            stop.request(STORAGE_STOP, relay.storage_refusal)
         due = lease.ttl_s - lease.remaining_s() >= settings.lease_renew_s
         if due and lease.renew() == "cancelling":
             stop.request("cancel")
@@ -200,6 +202,10 @@ def _record_end(
         change_status(session, job.id, "succeeded", eta_s=0.0)
     elif stop.reason == "cancel" and status != "failed":
         change_status(session, job.id, "cancelled")
+    elif stop.reason == STORAGE_STOP:  # not retried: the next run would cross it again
+        change_status(
+            session, job.id, "failed", error_code=STORAGE_STOP, error_message=stop.message
+        )
     elif status == "failed" and outcome is not None and (
         outcome["error"]["code"] in NOT_RETRIED or job.attempt >= job.max_attempts
     ):
