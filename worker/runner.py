@@ -13,7 +13,9 @@ duplicate delivery, a worker that was presumed dead) cannot write anything.
 A runner that cannot renew (the database is unreachable) stops its child before the
 lease would expire, so by the time the reconciler hands the job to another worker,
 nobody trains it any more. A worker told to shut down (SIGTERM) asks the child to
-checkpoint and gives the job back to the queue without using up an attempt.
+checkpoint and gives the job back to the queue without using up an attempt. A checkpoint
+that takes the tenant past its stored-bytes limit (the relay checks after each) stops the
+child the same way and fails the job with `storage_limit_exceeded`, not retried.
 """
 
 from __future__ import annotations

@@ -90,11 +90,6 @@ def _fail_dataset(dataset_id: str, code: str, message: str, skipped: list[dict[s
     )
 
 
-def tree_bytes(folder: Path) -> int:
-    """The bytes of the regular files under `folder`."""
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
-
-
 def _count_images(dataset_id: str, settings: Settings, nbytes: int) -> str | None:
     """Record the dataset's extracted images as stored bytes, unless they take its tenant
     past the limit: then why not (the message for the dataset's error). Under the tenant's
@@ -180,7 +175,7 @@ def ingest_dataset(dataset_id: str) -> None:
         )
         return
     skipped = refused + _in_archive(scan.skipped, prefix)
-    refusal = _count_images(dataset_id, settings, tree_bytes(images))
+    refusal = _count_images(dataset_id, settings, quota.folder_bytes(images))
     if refusal is not None:
         shutil.rmtree(images, ignore_errors=True)
         _fail_dataset(dataset_id, StorageLimitExceeded.code, refusal, skipped)
@@ -315,7 +310,7 @@ def embed_dataset(embedding_job_id: str) -> None:
         return
     _finish_embedding(
         embedding_job_id, "succeeded", num_rows=int(matrix.shape[0]),
-        path=str(folder.relative_to(settings.artifacts)), size_bytes=tree_bytes(folder),
+        path=str(folder.relative_to(settings.artifacts)), size_bytes=quota.folder_bytes(folder),
     )
 
 

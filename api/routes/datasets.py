@@ -5,6 +5,9 @@ An upload is parsed as it arrives (python-multipart's streaming parser on
 `<artifacts>/datasets/<id>/upload.<ext>`, counting bytes against
 `settings.max_upload_bytes`: the body is never held in memory or spooled twice, and an
 oversized one is refused at its Content-Length or as soon as the count passes the cap.
+The tenant's stored-bytes limit holds under concurrency: at admission the upload reserves
+its Content-Length (or, without one, reserves ahead of what it streams) under the tenant's
+lock (`UploadHold`, swav_service/quota.py), and its dataset row takes the reservation over.
 The worker's `ingest_dataset` then extracts and validates it (status `validating` ->
 `ready` or `failed`).
 
