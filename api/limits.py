@@ -1,11 +1,10 @@
 """Per-tenant limits: active jobs (429), stored bytes (403), embedding and thumbnail request
 rates (429), concurrent event streams (429), short tasks in flight (429).
 
-Stored bytes are what the database records: the archive bytes of the tenant's datasets
-that still have files (every status but `deleted`) plus the sizes of its checkpoints still
-on disk. The limit checks and the inserts they admit are serialised per tenant (a
-transaction-scoped advisory lock on PostgreSQL, the write lock on SQLite), so concurrent
-creates cannot both take the last slot.
+Stored bytes are counted and reserved in swav_service/quota.py (the workers check them
+too). The limit checks and the inserts they admit are serialised per tenant
+(`quota.lock_tenant`: an advisory lock on PostgreSQL, the write lock on SQLite), so
+concurrent creates cannot both take the last slot.
 Each request rate is a token bucket per tenant in each API process: with several API
 processes behind a balancer, each allows the configured rate.
 """
@@ -21,43 +20,22 @@ from datetime import timedelta
 from typing import Any
 
 from fastapi import Request
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.deps import SettingsDep, TenantDep
 from api.errors import ApiError
-from swav_service.db import begin_writing
 from swav_service.models import (
     ACTIVE_EMBEDDING_JOB_STATUSES,
     ACTIVE_JOB_STATUSES,
-    DELETED_DATASET,
     Checkpoint,
-    Dataset,
     EmbeddingJob,
     Job,
     as_utc,
     utcnow,
 )
+from swav_service.quota import StorageLimitExceeded, storage_message, stored_bytes
 from swav_service.settings import Settings
-
-
-def human_bytes(size: int) -> str:
-    value = float(size)
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} bytes"
-
-
-def lock_tenant(session: Session, tenant: str) -> None:
-    """Serialise this transaction with the tenant's other limit checks: an advisory lock
-    on PostgreSQL, the write lock on SQLite (`begin_writing`). Released at commit or
-    rollback."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": tenant})
-    else:
-        begin_writing(session)
 
 
 def active_jobs(session: Session, tenant: str) -> int:
@@ -84,31 +62,16 @@ def check_active_jobs(session: Session, settings: Settings, tenant: str) -> None
         )
 
 
-def stored_bytes(session: Session, tenant: str) -> int:
-    """Dataset archives (not deleted) + checkpoints on disk, in bytes, of the tenant."""
-    datasets = session.scalar(
-        select(func.coalesce(func.sum(Dataset.archive_bytes), 0)).where(
-            Dataset.tenant == tenant, Dataset.status != DELETED_DATASET
-        )
-    )
-    checkpoints = session.scalar(
-        select(func.coalesce(func.sum(Checkpoint.size_bytes), 0))
-        .join(Job, Job.id == Checkpoint.job_id)
-        .where(Job.tenant == tenant, Checkpoint.available.is_(True))
-    )
-    return int(datasets or 0) + int(checkpoints or 0)
-
-
 def storage_error(used: int, limit: int, left: int | None = None) -> ApiError:
     """ApiError 403 `storage_limit_exceeded` naming the usage and the limit; `left`: the
     bytes an upload was allowed, when it was refused for being larger."""
-    over = f"; this upload is larger than the {human_bytes(left)} left" if left else ""
-    return ApiError(
-        403,
-        "storage_limit_exceeded",
-        f"the tenant stores {human_bytes(used)}{over}; the limit is {human_bytes(limit)} "
-        f"({limit} bytes, SWAV_TENANT_MAX_STORED_BYTES): delete datasets you no longer need",
-    )
+    what = "this upload" if left else None
+    return ApiError(403, "storage_limit_exceeded", storage_message(used, limit, what))
+
+
+def storage_refused(error: StorageLimitExceeded) -> ApiError:
+    """The API's 403 for a refused reservation."""
+    return ApiError(403, error.code, str(error))
 
 
 def storage_left(session: Session, settings: Settings, tenant: str) -> int | None:
@@ -116,7 +79,7 @@ def storage_left(session: Session, settings: Settings, tenant: str) -> int | Non
     limit = settings.tenant_max_stored_bytes
     if not limit:
         return None
-    used = stored_bytes(session, tenant)
+    used = stored_bytes(session, tenant).total
     if used >= limit:
         raise storage_error(used, limit)
     return limit - used

@@ -25,6 +25,7 @@ from api.routes import (
     events,
     health,
     jobs,
+    usage,
 )
 from swav_service.dispatch import prepare_broker
 from swav_service.settings import get_settings
@@ -85,7 +86,9 @@ def create_app() -> FastAPI:
     install_dashboard(app)  # GET / and its static files: public, they hold no data
     # Authenticated at the router too, so a new /v1 route cannot forget it.
     authenticated = [Depends(get_tenant)]
-    for module in (datasets, jobs, events, checkpoints, embeddings, embedding_jobs, explorer):
+    for module in (
+        datasets, jobs, events, checkpoints, embeddings, embedding_jobs, usage, explorer
+    ):
         app.include_router(module.router, dependencies=authenticated)
     register_error_handlers(app)
     app.state.stream_slots = StreamSlots()  # open event streams per tenant (api/limits.py)

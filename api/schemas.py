@@ -342,6 +342,23 @@ class EmbeddingJobPublic(PublicModel):
         return cls.from_attributes(row, error=ErrorInfo.of(row))
 
 
+# --------------------------------------------------------------------------- usage
+
+
+class UsagePublic(BaseModel):
+    """What the tenant stores, as counted against SWAV_TENANT_MAX_STORED_BYTES."""
+
+    stored_bytes: int = Field(description="The sum of the parts below.")
+    limit_bytes: int | None = Field(description="The tenant's limit; null: none.")
+    archives_bytes: int = Field(description="Uploaded dataset archives.")
+    images_bytes: int = Field(description="Extracted dataset images.")
+    checkpoints_bytes: int = Field(
+        description="Checkpoints on disk, with their sidecars and safetensors exports."
+    )
+    embeddings_bytes: int = Field(description="Files of finished embedding jobs.")
+    reserved_bytes: int = Field(description="Held by uploads in progress.")
+
+
 # --------------------------------------------------------------------------- health
 
 

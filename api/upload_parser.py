@@ -18,7 +18,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from api.errors import ApiError
-from api.limits import human_bytes
+from swav_service.quota import human_bytes
 
 ARCHIVE_EXTENSIONS = (".tar.gz", ".tgz", ".zip", ".tar")  # longest suffix first
 MAX_FIELD_BYTES = 1024

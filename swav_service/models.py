@@ -64,6 +64,8 @@ class Dataset(Base):
     name: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(20))
     archive_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The extracted images on disk, measured at ingestion (0 until then, and once failed).
+    images_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     num_images: Mapped[int | None] = mapped_column(Integer)
     num_skipped: Mapped[int | None] = mapped_column(Integer)
     skipped: Mapped[list[Any] | None] = mapped_column(JSON)
@@ -147,6 +149,8 @@ class Checkpoint(Base):
     final: Mapped[bool] = mapped_column(Boolean, default=False)
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    # The files kept beside it: its sha256 sidecar and the safetensors exports made of it.
+    extra_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     sha256: Mapped[str] = mapped_column(String(64))
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     available: Mapped[bool] = mapped_column(Boolean, default=True)
@@ -220,11 +224,27 @@ class EmbeddingJob(Base):
     error_code: Mapped[str | None] = mapped_column(String(50))
     error_message: Mapped[str | None] = mapped_column(Text)
     path: Mapped[str | None] = mapped_column(Text)
+    # Its two output files on disk (0 until it succeeds).
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
     )
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class StorageReservation(Base):
+    """Bytes an upload in progress holds against its tenant's stored-bytes limit
+    (swav_service/quota.py). Deleted when the upload ends; one whose API process died
+    stops counting at `expires_at`."""
+
+    __tablename__ = "storage_reservations"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(100), index=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class IdempotencyRecord(Base):

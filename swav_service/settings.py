@@ -140,7 +140,8 @@ class Settings(BaseSettings):
         32, ge=0, description="Queued, running or cancelling jobs per tenant (429)."
     )
     tenant_max_stored_bytes: int = Field(
-        100 * 1024**3, ge=0, description="Dataset archives + checkpoints per tenant (403)."
+        100 * 1024**3, ge=0,
+        description="Bytes a tenant stores: archives, images, checkpoints, exports, embeddings.",
     )
     tenant_max_short_tasks: int = Field(
         16, ge=0, description="Quality reports and embedding jobs a tenant has in flight (429)."

@@ -23,6 +23,9 @@ from pathlib import Path
 from swav_service.settings import Settings
 from worker.launch import die_with_parent
 
+STORAGE_STOP = "storage_limit_exceeded"
+"""The stop reason when the job's checkpoints took its tenant past the stored-bytes limit."""
+
 SHUTDOWN = threading.Event()
 """Set when the worker is asked to stop (SIGTERM): the running job goes back to the queue."""
 
@@ -53,10 +56,11 @@ class Supervision:
     control_dir: Path
     reason: str | None = None
     at: float | None = None
+    message: str | None = None  # the reason in words, for the job's error
 
-    def request(self, reason: str) -> None:
+    def request(self, reason: str, message: str | None = None) -> None:
         if self.reason is None:
-            self.reason, self.at = reason, time.monotonic()
+            self.reason, self.at, self.message = reason, time.monotonic(), message
             (self.control_dir / "STOP").touch()
 
     def grace_s(self, settings: Settings) -> float:
@@ -67,7 +71,7 @@ class Supervision:
         """
         if self.reason == "shutdown":
             return settings.shutdown_grace_s
-        if self.reason in ("cancel", "timeout"):
+        if self.reason in ("cancel", "timeout", STORAGE_STOP):
             return settings.cancel_grace_s
         return 0.0
 

@@ -20,6 +20,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from swav_core.checkpoint_names import sidecar_path
+from swav_service import quota
 from swav_service.db import session_scope
 from swav_service.dispatch import enqueue_evaluation
 from swav_service.job_state import append_event, append_warning
@@ -59,6 +60,9 @@ class Relay:
     uploaded: set[str] = field(default_factory=set)
     upload_failures: Counter[str] = field(default_factory=Counter)
     pruned: list[Path] = field(default_factory=list)
+    # Set when a checkpoint took the tenant past its stored-bytes limit: why (the runner
+    # stops the run and fails the job with it).
+    storage_refusal: str | None = None
     _uploader: ThreadPoolExecutor | None = None
 
     @property
@@ -79,10 +83,13 @@ class Relay:
             complete = self._uploaded_prefix(data[: data.rfind(b"\n") + 1], wait=flush)
             events = [json.loads(line) for line in complete.splitlines() if line.strip()]
             if events:
+                checkpointed = [e["step"] for e in events if e.get("type") == "checkpoint"]
                 with session_scope() as session:
-                    self.lease.guard(session)
+                    job = self.lease.guard(session)
                     for event in events:
                         self._apply(session, event, to_evaluate)
+                    if checkpointed and self.storage_refusal is None:
+                        self.storage_refusal = self._over_quota(session, job, checkpointed[-1])
             self.offset += len(complete)
         for checkpoint_id in to_evaluate:
             self._enqueue_evaluation(checkpoint_id)
@@ -203,13 +210,27 @@ class Relay:
             return
         append_event(session, self.job_id, kind, event, self.settings.max_events_per_job)
 
+    def _over_quota(self, session: Session, job: Job, step: int) -> str | None:
+        """Why the job must stop, if its checkpoints (counted with the ones just recorded)
+        take the tenant past its stored-bytes limit."""
+        used = quota.over_limit(session, self.settings, job.tenant)
+        if used is None:
+            return None
+        return (
+            f"the checkpoint of step {step} took the tenant past its storage limit, so the "
+            f"job was stopped and its last checkpoint kept: "
+            f"{quota.storage_message(used.total, self.settings.tenant_max_stored_bytes)}"
+        )
+
     def _record_checkpoint(self, session: Session, event: dict[str, Any], path: str) -> str:
         """One row per (step, final): a file saved again at the same step (a resumed run
         that re-saves it) updates its row. Returns the row's id."""
+        sidecar = sidecar_path(Path(event["path"]))
         values = {
             "epoch": event["epoch"],
             "path": path,
             "size_bytes": event["size_bytes"],
+            "extra_bytes": sidecar.stat().st_size if sidecar.is_file() else 0,
             "sha256": event["sha256"],
             "metrics": {"loss": event.get("loss")},
             "available": True,

@@ -13,7 +13,9 @@ duplicate delivery, a worker that was presumed dead) cannot write anything.
 A runner that cannot renew (the database is unreachable) stops its child before the
 lease would expire, so by the time the reconciler hands the job to another worker,
 nobody trains it any more. A worker told to shut down (SIGTERM) asks the child to
-checkpoint and gives the job back to the queue without using up an attempt.
+checkpoint and gives the job back to the queue without using up an attempt. A checkpoint
+that takes the tenant past its stored-bytes limit (the relay checks after each) stops the
+child the same way and fails the job with `storage_limit_exceeded`, not retried.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from swav_service.layout import dataset_images_dir, job_run_dir
 from swav_service.models import Checkpoint, Job, utcnow
 from swav_service.settings import Settings
 from swav_service.storage import artifact_store
-from worker.child import SHUTDOWN, Supervision, start_child, supervise
+from worker.child import SHUTDOWN, STORAGE_STOP, Supervision, start_child, supervise
 from worker.launch import NodeLaunch, child_command
 from worker.lease import Lease, LeaseLost, claim
 from worker.ranks import release_ranks
@@ -144,6 +146,8 @@ def _supervise(
     """One round of the runner's loop: relay, renew when due, and decide whether to stop."""
     try:
         relay.poll()
+        if relay.storage_refusal is not None:
+            stop.request(STORAGE_STOP, relay.storage_refusal)
         due = lease.ttl_s - lease.remaining_s() >= settings.lease_renew_s
         if due and lease.renew() == "cancelling":
             stop.request("cancel")
@@ -214,6 +218,10 @@ def _record_end(
         change_status(session, job.id, "succeeded", eta_s=0.0)
     elif stop.reason == "cancel" and status != "failed":
         change_status(session, job.id, "cancelled")
+    elif stop.reason == STORAGE_STOP:  # not retried: the next run would cross it again
+        change_status(
+            session, job.id, "failed", error_code=STORAGE_STOP, error_message=stop.message
+        )
     elif status == "failed" and outcome is not None and (
         outcome["error"]["code"] in NOT_RETRIED or job.attempt >= job.max_attempts
     ):

@@ -23,6 +23,7 @@ from swav_core.atomic import atomic_write_bytes, atomic_writer
 from swav_core.errors import DataError, SwavError
 from swav_core.image_folder import NoImagesError, SkippedFile, scan_image_folder
 from swav_core.recipe import DatasetStats
+from swav_service import quota
 from swav_service.db import session_scope
 from swav_service.dispatch import EMBED_TASK, EVAL_TASK, INGEST_TASK, TRAIN_TASK
 from swav_service.layout import (
@@ -33,6 +34,7 @@ from swav_service.layout import (
     job_run_dir,
 )
 from swav_service.models import Checkpoint, Dataset, EmbeddingJob, Job, utcnow
+from swav_service.quota import StorageLimitExceeded
 from swav_service.settings import Settings, get_settings
 from swav_service.storage import StorageError, artifact_store
 from worker import celery_app
@@ -83,7 +85,28 @@ def _end_validation(
 
 
 def _fail_dataset(dataset_id: str, code: str, message: str, skipped: list[dict[str, str]]) -> None:
-    _end_validation(dataset_id, "failed", skipped, error_code=code, error_message=message)
+    _end_validation(
+        dataset_id, "failed", skipped, error_code=code, error_message=message, images_bytes=0
+    )
+
+
+def _count_images(dataset_id: str, settings: Settings, nbytes: int) -> str | None:
+    """Record the dataset's extracted images as stored bytes, unless they take its tenant
+    past the limit: then why not (the message for the dataset's error). Under the tenant's
+    lock, so two datasets ingested at once cannot both take the last bytes."""
+    with session_scope() as session:
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is None:
+            return None
+        quota.lock_tenant(session, dataset.tenant)
+        limit = settings.tenant_max_stored_bytes
+        used = quota.stored_bytes(session, dataset.tenant).total - dataset.images_bytes
+        if limit and used + nbytes > limit:
+            return quota.storage_message(
+                used, limit, f"the dataset's {quota.human_bytes(nbytes)} of extracted images"
+            )
+        dataset.images_bytes = nbytes
+    return None
 
 
 @app.task(name=INGEST_TASK)
@@ -152,6 +175,11 @@ def ingest_dataset(dataset_id: str) -> None:
         )
         return
     skipped = refused + _in_archive(scan.skipped, prefix)
+    refusal = _count_images(dataset_id, settings, quota.folder_bytes(images))
+    if refusal is not None:
+        shutil.rmtree(images, ignore_errors=True)
+        _fail_dataset(dataset_id, StorageLimitExceeded.code, refusal, skipped)
+        return
     try:  # with an S3 store, workers on other machines restore the images from it
         artifact_store(settings).upload_tree(images)
     except StorageError:
@@ -274,7 +302,7 @@ def embed_dataset(embedding_job_id: str) -> None:
         return
     _finish_embedding(
         embedding_job_id, "succeeded", num_rows=int(matrix.shape[0]),
-        path=str(folder.relative_to(settings.artifacts)),
+        path=str(folder.relative_to(settings.artifacts)), size_bytes=quota.folder_bytes(folder),
     )
 
 

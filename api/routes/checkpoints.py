@@ -5,7 +5,8 @@ streamed from the S3 store when there is one (swav_service/storage.py).
 `safetensors` (the whole SwAV model, its config in the metadata) and `backbone` (the
 backbone alone, loadable into torchvision) are exported on first request, next to the
 checkpoint (`<name>.model.safetensors`, `<name>.backbone.safetensors`), and reused. The
-export writes atomically, so concurrent first requests are safe. torch is imported only
+export writes atomically, so concurrent first requests are safe, and its bytes count
+against the tenant's stored-bytes limit with the checkpoint (`extra_bytes`). torch is imported only
 when an export is made, so the API starts without it.
 """
 
@@ -24,6 +25,7 @@ from api.errors import ApiError
 from api.lookups import find_checkpoint, find_job, stored_path
 from api.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
 from api.schemas import CheckpointPublic, CheckpointsPublic
+from swav_core.checkpoint_names import sidecar_path
 from swav_core.errors import CheckpointError
 from swav_service.models import Checkpoint
 from swav_service.storage import artifact_store
@@ -83,6 +85,13 @@ def _gone(checkpoint_id: str) -> ApiError:
 def export_path(checkpoint: Path, fmt: DownloadFormat) -> Path:
     """`step-000000008.pt` -> `step-000000008.model.safetensors` (or `.backbone...`)."""
     return checkpoint.with_name(checkpoint.stem + EXPORT_SUFFIX[fmt])
+
+
+def beside_bytes(checkpoint: Path) -> int:
+    """The bytes of the files kept beside a checkpoint: its sidecar and its exports (set,
+    not added, so that concurrent first exports count once)."""
+    paths = [sidecar_path(checkpoint), *(export_path(checkpoint, fmt) for fmt in EXPORT_SUFFIX)]
+    return sum(p.stat().st_size for p in paths if p.is_file())
 
 
 def export(checkpoint: Path, fmt: DownloadFormat) -> Path:
@@ -163,6 +172,8 @@ def download_checkpoint(
             f"checkpoint {checkpoint_id} cannot be exported: its file does not verify or load",
             "checkpoint_id",
         ) from exc
+    row.extra_bytes = beside_bytes(path)  # the export counts against the tenant's storage
+    session.commit()
     from swav_core.checkpoint import file_sha256  # torch loads only when a download needs it
 
     return FileResponse(

@@ -5,6 +5,9 @@ An upload is parsed as it arrives (python-multipart's streaming parser on
 `<artifacts>/datasets/<id>/upload.<ext>`, counting bytes against
 `settings.max_upload_bytes`: the body is never held in memory or spooled twice, and an
 oversized one is refused at its Content-Length or as soon as the count passes the cap.
+The tenant's stored-bytes limit holds under concurrency: at admission the upload reserves
+its Content-Length (or, without one, reserves ahead of what it streams) under the tenant's
+lock (`UploadHold`, swav_service/quota.py), and its dataset row takes the reservation over.
 The worker's `ingest_dataset` then extracts and validates it (status `validating` ->
 `ready` or `failed`).
 
@@ -16,6 +19,7 @@ refer to it (their `dataset_id` must stay valid): then the row is kept with stat
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -29,13 +33,14 @@ from starlette.requests import ClientDisconnect
 
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError
-from api.limits import storage_error, storage_left
+from api.limits import storage_error, storage_left, storage_refused
 from api.lookups import find_dataset
 from api.openapi import BINARY, form_body
 from api.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
 from api.responses import STORAGE_LIMIT
 from api.schemas import DatasetPublic, DatasetsPublic
 from api.upload_parser import UploadParser, dataset_name, upload_too_large
+from swav_service import quota
 from swav_service.dispatch import enqueue_ingest
 from swav_service.models import (
     ACTIVE_EMBEDDING_JOB_STATUSES,
@@ -47,6 +52,7 @@ from swav_service.models import (
     new_id,
     utcnow,
 )
+from swav_service.quota import RESERVATION_RENEW_S, StorageLimitExceeded
 from swav_service.settings import Settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -55,6 +61,7 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 # multipart caps each at 4 KiB) and the short `name` field.
 MULTIPART_OVERHEAD = 16 * 1024
 FLUSH_BYTES = 1 << 20  # hand the parser 1 MiB at a time, off the event loop
+RESERVE_STEP = 64 << 20  # a streamed upload without a length reserves this much at a time
 
 
 UPLOAD_BODY = form_body(
@@ -107,10 +114,21 @@ async def upload_dataset(
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > body_cap:
         raise too_large()
+    # Held from here until the dataset row counts the archive: a concurrent upload of the
+    # tenant sees these bytes as taken. Without a Content-Length it grows as bytes arrive.
+    declared = min(int(length), cap) if length.isdigit() else 0
+    hold = UploadHold(session, settings, tenant, cap)
+    await run_in_threadpool(hold.grow, declared)
 
     dataset_id = new_id("ds")
     folder = settings.dataset_dir(dataset_id)
     parser = UploadParser(boundary, folder, cap, too_large)
+
+    async def feed(data: bytes) -> None:
+        """Reserve, then write: the bytes on disk never pass what is held."""
+        await run_in_threadpool(hold.grow, parser.file_bytes + len(data), RESERVE_STEP)
+        await run_in_threadpool(parser.write, data)
+
     try:
         received, pending = 0, bytearray()
         try:
@@ -120,12 +138,12 @@ async def upload_dataset(
                     raise too_large()
                 pending += chunk
                 if len(pending) >= FLUSH_BYTES:
-                    await run_in_threadpool(parser.write, bytes(pending))
+                    await feed(bytes(pending))
                     pending.clear()
         except ClientDisconnect as exc:  # nobody will read the answer; just clean up
             raise ApiError(400, "client_disconnected", "the upload was interrupted") from exc
         if pending:
-            await run_in_threadpool(parser.write, bytes(pending))
+            await feed(bytes(pending))
         parser.finish()
         if parser.filename is None:
             raise ApiError(
@@ -137,9 +155,11 @@ async def upload_dataset(
     except BaseException:
         parser.close()
         shutil.rmtree(folder, ignore_errors=True)  # a partial upload is never kept
+        await run_in_threadpool(hold.drop)
         raise
 
     def create() -> Dataset:
+        """The dataset row takes over the reservation's bytes in one transaction."""
         row = Dataset(
             id=dataset_id,
             tenant=tenant,
@@ -148,6 +168,7 @@ async def upload_dataset(
             archive_bytes=parser.file_bytes,
         )
         session.add(row)
+        quota.release(session, hold.reservation_id)
         session.commit()
         return row
 
@@ -155,6 +176,7 @@ async def upload_dataset(
         row = await run_in_threadpool(create)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
+        await run_in_threadpool(hold.drop)
         raise
     try:
         await run_in_threadpool(enqueue_ingest, dataset_id)
@@ -175,6 +197,40 @@ def _storage_left(session: Session, settings: Settings, tenant: str) -> int | No
         return storage_left(session, settings, tenant)
     finally:
         session.rollback()
+
+
+class UploadHold:
+    """An upload's reservation of stored bytes (swav_service/quota.py): grown before the
+    bytes it covers are written, renewed while the body streams, dropped at the end."""
+
+    def __init__(self, session: Session, settings: Settings, tenant: str, cap: int) -> None:
+        self.session, self.settings, self.tenant, self.cap = session, settings, tenant, cap
+        self.reservation_id: str | None = None
+        self.held = 0
+        self.renewed_at: float | None = None
+
+    def grow(self, needed: int, step: int = 0) -> None:
+        """Hold at least `needed` bytes (`step` more at a time, at most the cap); 403 if
+        they do not fit. The first call checks the limit even for 0 bytes."""
+        due = self.renewed_at is None or time.monotonic() - self.renewed_at >= RESERVATION_RENEW_S
+        if needed <= self.held and not due:
+            return
+        target = min(self.cap, max(needed, self.held + step)) if needed > self.held else self.held
+        try:
+            self.reservation_id = quota.reserve(
+                self.session, self.settings, self.tenant, target, self.reservation_id
+            )
+        except StorageLimitExceeded as error:
+            raise storage_refused(error) from error
+        self.held, self.renewed_at = target, time.monotonic()
+
+    def drop(self) -> None:
+        if self.reservation_id is not None:
+            try:
+                quota.release(self.session, self.reservation_id)
+                self.session.commit()
+            finally:
+                self.session.rollback()
 
 
 def _broker_failed(session: Session, row: Dataset, folder: Path) -> None:

@@ -26,7 +26,7 @@ from fastapi.responses import FileResponse
 from api.batch_embedding import queue_embedding_job
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError
-from api.limits import evaluation_in_flight, lock_tenant, short_tasks_left
+from api.limits import evaluation_in_flight, short_tasks_left
 from api.lookups import (
     checkpoint_gone,
     find_checkpoint,
@@ -39,6 +39,7 @@ from api.schemas import CheckpointPublic, EmbeddingJobCreate, EmbeddingJobPublic
 from swav_service.dispatch import enqueue_evaluation
 from swav_service.layout import EMBEDDINGS_FILE, INDEX_FILE
 from swav_service.models import Job, utcnow
+from swav_service.quota import lock_tenant
 
 router = APIRouter(tags=["embedding jobs"])
 

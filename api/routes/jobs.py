@@ -27,7 +27,7 @@ from api.idempotency import (
     remember_answer,
     request_hash,
 )
-from api.limits import check_active_jobs, lock_tenant, storage_left
+from api.limits import check_active_jobs, storage_left
 from api.lookups import find_dataset, find_job
 from api.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
 from api.planning import Plan, estimates, plan_job
@@ -48,6 +48,7 @@ from swav_service.models import (
     new_id,
     utcnow,
 )
+from swav_service.quota import lock_tenant
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

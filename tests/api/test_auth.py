@@ -27,8 +27,8 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.limits import human_bytes
 from swav_service.models import ApiKey, Checkpoint, Dataset, EmbeddingJob, Job, new_id
+from swav_service.quota import human_bytes
 from tests.api.conftest import Deployment, assert_error
 from tests.conftest import Service
 
