@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         60.0, description="On SIGTERM: time for the run to checkpoint before it is killed."
     )
+    run_lock_wait_s: float = Field(
+        60.0,
+        description="How long a runner waits for a job's run folder while an earlier training "
+        "process still holds it (worker/fence.py) before it hands the job back to the queue.",
+    )
     reconcile_interval_s: float = Field(15.0, description="How often a worker reconciles.")
     resend_after_s: float = Field(
         60.0, description="A queued job whose message is not in the broker this long is re-sent."

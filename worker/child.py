@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from swav_service.settings import Settings
+from worker.fence import FolderLock
 from worker.launch import die_with_parent
 
 STORAGE_STOP = "storage_limit_exceeded"
@@ -30,18 +31,28 @@ SHUTDOWN = threading.Event()
 """Set when the worker is asked to stop (SIGTERM): the running job goes back to the queue."""
 
 
-def start_child(run_dir: Path, command: list[str] | None = None) -> subprocess.Popen[bytes]:
-    """The training process (default: one rank; worker/launch.py builds torchrun's)."""
+def start_child(
+    run_dir: Path, command: list[str] | None = None, lock: FolderLock | None = None
+) -> subprocess.Popen[bytes]:
+    """The training process (default: one rank; worker/launch.py builds torchrun's).
+
+    Given the control folder's `lock` (worker/fence.py), the child inherits it; once the
+    caller closes its own copy, the lock lasts exactly as long as the child.
+    """
     log_file = (run_dir / "train.log").open("ab")
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}  # see swav_core/cli.py
-    return subprocess.Popen(
-        command or [sys.executable, "-m", "worker.train_child", str(run_dir)],
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=die_with_parent,  # a worker killed with -9 leaves no orphan training
-    )
+    try:
+        return subprocess.Popen(
+            command or [sys.executable, "-m", "worker.train_child", str(run_dir)],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,  # a worker killed with -9 leaves no orphan training
+            pass_fds=(lock.fd,) if lock is not None else (),
+        )
+    finally:
+        log_file.close()
 
 
 def kill_group(process: subprocess.Popen[bytes], sig: int) -> None:

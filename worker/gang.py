@@ -19,7 +19,8 @@ last checkpoint with a new gang (`max_attempts` still counts). Node 0 lost is th
 single-node case: its job lease expires, and the reconciler requeues the job. Either way
 the job's rank rows are deleted, so a node of the old gang cannot renew and stops too. A
 claimant that waits longer than `gang_wait_s`, or whose worker is asked to stop, gives
-its rank back and sends the job's message again.
+its rank back and sends the job's message again; so does one whose gang is incomplete
+while an older gang is forming (`wait_for_gang` explains why two gangs cannot deadlock).
 """
 
 from __future__ import annotations
@@ -36,14 +37,16 @@ from sqlalchemy.exc import DBAPIError
 
 from swav_service.db import session_scope
 from swav_service.dispatch import enqueue_job
-from swav_service.job_state import change_status
+from swav_service.job_state import append_event, change_status
 from swav_service.layout import job_run_dir
 from swav_service.models import Job, JobRank, as_utc, utcnow
 from swav_service.settings import Settings
 from worker.child import SHUTDOWN, Supervision, start_child, supervise
+from worker.fence import acquire_folder_lock, heartbeat_path, write_heartbeat
 from worker.launch import NodeLaunch, child_command
 from worker.lease import Lease, LeaseLost
 from worker.ranks import RankLease, claim_rank, live_ranks
+from worker.resources import detect_resources
 from worker.runner import prepare_run_folder, train_under_lease
 
 log = logging.getLogger(__name__)
@@ -110,8 +113,9 @@ def _gang_started(rank: RankLease) -> tuple[bool, GangStart | None]:
     return False, GangStart(job, endpoint)
 
 
-def _give_back(rank: RankLease, why: str) -> None:
-    """Release the rank and send the job's message again for another worker."""
+def _give_back(rank: RankLease, why: str, to_back_of_line: bool = False) -> None:
+    """Release the rank and send the job's message again for another worker; a gang that
+    waited in vain also goes to the back of the gangs' line (worker/ranks.py)."""
     log.info("job %s: giving node rank %s back (%s)", rank.job_id, rank.node_rank, why)
     with contextlib.suppress(Exception):
         rank.release()
@@ -119,15 +123,37 @@ def _give_back(rank: RankLease, why: str) -> None:
         with session_scope() as session:
             job = session.get(Job, rank.job_id)
             gpus, queued = (job.gpus, job.status == "queued") if job else (1, False)
+            if job is not None and queued and to_back_of_line:
+                job.dispatched_at = utcnow()
+                append_event(
+                    session, job.id, "rank_released",
+                    {"node_rank": rank.node_rank, "reason": "gang_wait"},
+                )
         if queued:
             enqueue_job(rank.job_id, gpus)
 
 
+def _resend(job_id: str) -> None:
+    with contextlib.suppress(Exception):  # the reconciler re-sends it otherwise
+        with session_scope() as session:
+            gpus = session.scalar(select(Job.gpus).where(Job.id == job_id)) or 1
+        enqueue_job(job_id, gpus)
+
+
 def wait_for_gang(rank: RankLease, settings: Settings) -> GangStart | None:
     """Renew the rank until the gang starts; None when the round is gone (the job was
-    cancelled, or started without this worker) or this worker gave its rank back."""
+    cancelled, or started without this worker) or this worker gave its rank back.
+
+    No two gangs can hold each other's workers for ever: every round a claimant of an
+    incomplete gang gives way to an older gang that is forming and that this worker could
+    join (worker/ranks.py: one global order of jobs), so the oldest forming gang gets each
+    worker that comes free; and past `gang_wait_s` even that gang gives its ranks back and
+    goes to the back of the line, so one that cannot form (more nodes than workers) does
+    not hold workers, or the head of the line, for long.
+    """
 
     deadline = time.monotonic() + settings.gang_wait_s
+    max_gpus = detect_resources(settings).ranks
     while True:
         try:
             if rank.due(settings.lease_renew_s):
@@ -135,13 +161,18 @@ def wait_for_gang(rank: RankLease, settings: Settings) -> GangStart | None:
             waiting, started = (
                 _start_gang(rank, settings) if rank.node_rank == 0 else _gang_started(rank)
             )
+            older = rank.give_way(max_gpus) if waiting and started is None else None
         except LeaseLost:
             return None
         except DBAPIError as error:
             log.warning("job %s: database unreachable (%s)", rank.job_id, type(error).__name__)
-            waiting, started = True, None
+            waiting, started, older = True, None, None
         if started is not None:
             return started
+        if older is not None:
+            log.info("job %s: node rank %s gives way to job %s", rank.job_id, rank.node_rank, older)
+            _resend(rank.job_id)
+            return None
         if not waiting:
             with contextlib.suppress(Exception):
                 rank.release()
@@ -150,7 +181,8 @@ def wait_for_gang(rank: RankLease, settings: Settings) -> GangStart | None:
             _give_back(rank, "worker shutting down")
             return None
         if time.monotonic() > deadline:
-            _give_back(rank, f"the other nodes did not come within {settings.gang_wait_s} s")
+            why = f"the other nodes did not come within {settings.gang_wait_s} s"
+            _give_back(rank, why, to_back_of_line=True)
             return None
         time.sleep(settings.poll_interval_s)
 
@@ -207,8 +239,24 @@ def run_follower(rank: RankLease, job: Job, endpoint: str, settings: Settings) -
     """
     control = settings.job_dir(job.id) / "nodes" / str(rank.node_rank)
     run_dir = job_run_dir(settings, job.id)
-    spec = prepare_run_folder(job, control, run_dir, settings)
-    (control / "job.json").write_text(json.dumps(spec))
+
+    def keep() -> None:
+        if rank.due(settings.lease_renew_s):
+            with contextlib.suppress(DBAPIError):
+                rank.renew()
+
+    try:
+        lock = acquire_folder_lock(
+            control, settings.run_lock_wait_s, settings.poll_interval_s, keep
+        )
+    except LeaseLost:
+        return
+    if lock is None:  # node 0 sees this rank go and requeues the job
+        log.warning("job %s: node %s's folder is still held; leaving", job.id, rank.node_rank)
+        with contextlib.suppress(Exception):
+            rank.release()
+        return
+    heartbeat = heartbeat_path(control, rank.token)
     launch = NodeLaunch(
         nproc=job.gpus,
         nodes=job.nodes,
@@ -217,12 +265,20 @@ def run_follower(rank: RankLease, job: Job, endpoint: str, settings: Settings) -
         run_id=f"{job.id}-{rank.token + 1}",
         local_addr=settings.worker_address,
     )
+    try:
+        spec = prepare_run_folder(job, control, run_dir, heartbeat, settings)
+        (control / "job.json").write_text(json.dumps(spec))
+        write_heartbeat(heartbeat, rank.remaining_s(), settings.lease_renew_s)
+        child = start_child(control, child_command(control, launch), lock)
+    finally:
+        lock.close()  # the child holds it now
     stop = Supervision(control)
 
     def check() -> None:
         try:
             if rank.due(settings.lease_renew_s):
                 rank.renew()
+                write_heartbeat(heartbeat, rank.remaining_s(), settings.lease_renew_s)
             if not _job_running_at(job.id, rank.token + 1):
                 log.info("job %s: the gang's run ended; node %s stops", job.id, rank.node_rank)
                 stop.request("run_ended")
@@ -232,7 +288,6 @@ def run_follower(rank: RankLease, job: Job, endpoint: str, settings: Settings) -
         if SHUTDOWN.is_set():
             stop.request("shutdown")  # every rank checkpoints and stops (any_rank)
 
-    child = start_child(control, child_command(control, launch))
     try:
         returncode = supervise(child, check, stop, settings)
     except LeaseLost:

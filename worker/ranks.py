@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import ColumnElement, and_, delete, func, select, update
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from swav_core.distributed import free_port
@@ -45,6 +45,27 @@ def live_ranks(session: Session, job_ids: Sequence[str]) -> Counter[str]:
         .group_by(JobRank.job_id)
     ).all()
     return Counter({job_id: int(count) for job_id, count in rows})
+
+
+def _in_line_before(job: Job) -> ColumnElement[bool]:
+    """Jobs ahead of `job` in the gangs' one global order: by when they were last sent
+    (`dispatched_at`, else `created_at`), then by id. A gang that waited in vain is sent
+    again at the back (worker/gang.py), so an unformable job does not stay first."""
+    key = func.coalesce(Job.dispatched_at, Job.created_at)
+    mine = job.dispatched_at or job.created_at
+    return or_(key < mine, and_(key == mine, Job.id < job.id))
+
+
+def older_gang_forming(session: Session, job: Job, max_gpus: int) -> str | None:
+    """A queued multi-node job ahead of `job` whose gang is forming (some, not all, of its
+    ranks claimed under live leases) and that this worker could join; its id, or None."""
+    rows = session.execute(
+        select(Job.id, Job.nodes).where(
+            Job.status == "queued", Job.nodes > 1, Job.gpus <= max_gpus, _in_line_before(job)
+        )
+    ).all()
+    live = live_ranks(session, [job_id for job_id, _ in rows])
+    return next((job_id for job_id, nodes in rows if 0 < live[job_id] < nodes), None)
 
 
 def is_multi_node(job_id: str) -> bool:
@@ -95,6 +116,30 @@ class RankLease:
     def release(self) -> None:
         with session_scope() as session:
             session.execute(delete(JobRank).where(self._mine()))
+
+    def give_way(self, max_gpus: int) -> str | None:
+        """Release this rank if the job's gang is still incomplete and an older gang is
+        forming (`older_gang_forming`); that job's id, or None (the rank is kept).
+
+        Under the job row's lock, as node 0 starts the gang under it: a rank is never
+        released from a gang that has just started.
+        """
+        with session_scope() as session:
+            job = session.execute(
+                select(Job).where(Job.id == self.job_id).with_for_update()
+            ).scalar_one_or_none()
+            if job is None or job.status != "queued" or job.fencing_token != self.token:
+                return None
+            if live_ranks(session, [job.id])[job.id] >= job.nodes:
+                return None
+            older = older_gang_forming(session, job, max_gpus)
+            if older is not None:
+                session.execute(delete(JobRank).where(self._mine()))
+                append_event(
+                    session, job.id, "rank_released",
+                    {"node_rank": self.node_rank, "reason": "older_gang_forming", "job": older},
+                )
+        return older
 
     def record_exit(self, code: int) -> None:
         """Mark this node's training as ended, so that node 0 does not count it as lost."""

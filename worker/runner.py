@@ -40,6 +40,7 @@ from swav_service.models import Checkpoint, Job, utcnow
 from swav_service.settings import Settings
 from swav_service.storage import artifact_store
 from worker.child import SHUTDOWN, STORAGE_STOP, Supervision, start_child, supervise
+from worker.fence import acquire_folder_lock, clear_heartbeats, heartbeat_path, write_heartbeat
 from worker.launch import NodeLaunch, child_command
 from worker.lease import Lease, LeaseLost, claim
 from worker.ranks import release_ranks
@@ -71,15 +72,24 @@ def run_single_node(job_id: str, settings: Settings) -> None:
 
 
 def prepare_run_folder(
-    job: Job, control_dir: Path, run_dir: Path, settings: Settings
+    job: Job, control_dir: Path, run_dir: Path, heartbeat: Path, settings: Settings
 ) -> dict[str, Any]:
-    """Clear the node's control files; the spec that its job.json gets (worker/train_child)."""
+    """Clear the node's control files; the spec that its job.json gets (worker/train_child).
+
+    Called under the control folder's lock (worker/fence.py). The child obeys `heartbeat`,
+    which the caller writes before it starts the child and at every renewal.
+    """
     for folder in (control_dir, run_dir):
         folder.mkdir(parents=True, exist_ok=True)
     for name in ("STOP", "outcome.json"):
         (control_dir / name).unlink(missing_ok=True)
+    clear_heartbeats(control_dir)
     data_dir = dataset_images_dir(settings, job.dataset_id)
-    spec: dict[str, Any] = {"config": job.config, "data_dir": str(data_dir)}
+    spec: dict[str, Any] = {
+        "config": job.config,
+        "data_dir": str(data_dir),
+        "fence": {"heartbeat": str(heartbeat), "every_s": settings.poll_interval_s},
+    }
     if control_dir != run_dir:
         spec["run_dir"] = str(run_dir)
     store = artifact_store(settings)
@@ -118,20 +128,35 @@ def train_under_lease(
     """
     job_id = lease.job_id
     run_dir = job_run_dir(settings, job_id)
-    spec = prepare_run_folder(job, run_dir, run_dir, settings)
-    (run_dir / "job.json").write_text(json.dumps(spec))
-
-    relay = Relay(lease, run_dir, settings, store=artifact_store(settings))
-    relay.start_at_end()
+    try:
+        lock = acquire_folder_lock(
+            run_dir, settings.run_lock_wait_s, settings.poll_interval_s,
+            lambda: _keep(lease, settings),
+        )
+    except LeaseLost:
+        return
+    if lock is None:
+        log.warning("job %s: its run folder is still held by another training process", job_id)
+        _hand_back(lease, "run_folder_busy")
+        return
+    try:
+        heartbeat = heartbeat_path(run_dir, lease.token)
+        spec = prepare_run_folder(job, run_dir, run_dir, heartbeat, settings)
+        (run_dir / "job.json").write_text(json.dumps(spec))
+        write_heartbeat(heartbeat, lease.remaining_s(), settings.lease_renew_s)
+        relay = Relay(lease, run_dir, settings, store=artifact_store(settings))
+        relay.start_at_end()
+        child = start_child(run_dir, child_command(run_dir, launch), lock)
+    finally:
+        lock.close()  # the child holds it now (or nobody: the start failed)
     started = time.monotonic()
     stop = Supervision(run_dir)
 
     def check() -> None:
-        _supervise(lease, relay, job, started, stop, settings)
+        _supervise(lease, relay, job, started, stop, heartbeat, settings)
         if watch is not None:
             watch(stop)
 
-    child = start_child(run_dir, child_command(run_dir, launch))
     try:
         returncode = supervise(child, check, stop, settings)
     except LeaseLost:
@@ -140,17 +165,60 @@ def train_under_lease(
     _finish(lease, relay, run_dir, returncode, time.monotonic() - started, stop, settings)
 
 
+def _keep(lease: Lease, settings: Settings) -> None:
+    """Renew the lease when due while waiting for the run folder (LeaseLost propagates;
+    through a database outage the wait goes on, and the hand-back then fails)."""
+    if lease.ttl_s - lease.remaining_s() >= settings.lease_renew_s:
+        with contextlib.suppress(DBAPIError):
+            lease.renew()
+
+
+def _hand_back(lease: Lease, reason: str) -> None:
+    """Give a claimed job back to the queue before training it, without using an attempt
+    (a job cancelled meanwhile is cancelled). A failure is left to the reconciler."""
+    try:
+        with session_scope() as session:
+            job = lease.guard(session)
+            job.lease_owner, job.lease_expires_at = None, None
+            gpus, nodes = job.gpus, job.nodes
+            if nodes > 1:
+                release_ranks(session, job.id)
+            if job.status == "cancelling":
+                change_status(session, job.id, "cancelled")
+                return
+            append_event(session, job.id, "requeued", {"reason": reason})
+            change_status(
+                session, job.id, "queued", expected=("running",), attempt=job.attempt - 1,
+                dispatched_at=utcnow(),
+            )
+        enqueue_job(lease.job_id, gpus, nodes)
+    except (LeaseLost, DBAPIError):
+        return
+    except Exception:  # the broker: the reconciler re-sends a queued job without a message
+        log.warning("job %s: handed back but not re-sent", lease.job_id, exc_info=True)
+
+
 def _supervise(
-    lease: Lease, relay: Relay, job: Job, started: float, stop: Supervision, settings: Settings
+    lease: Lease,
+    relay: Relay,
+    job: Job,
+    started: float,
+    stop: Supervision,
+    heartbeat: Path,
+    settings: Settings,
 ) -> None:
-    """One round of the runner's loop: relay, renew when due, and decide whether to stop."""
+    """One round of the runner's loop: relay, renew when due (and tell the child so), and
+    decide whether to stop."""
     try:
         relay.poll()
         if relay.storage_refusal is not None:
             stop.request(STORAGE_STOP, relay.storage_refusal)
         due = lease.ttl_s - lease.remaining_s() >= settings.lease_renew_s
-        if due and lease.renew() == "cancelling":
-            stop.request("cancel")
+        if due:
+            status = lease.renew()
+            write_heartbeat(heartbeat, lease.remaining_s(), settings.lease_renew_s)
+            if status == "cancelling":
+                stop.request("cancel")
     except DBAPIError as error:
         log.warning("job %s: database unreachable (%s)", lease.job_id, type(error).__name__)
         if lease.remaining_s() < settings.lease_renew_s:

@@ -10,6 +10,10 @@ Under torch's launcher (worker/launch.py: several ranks, or several nodes) every
 this module; job.json may then name the training folder (`run_dir`, shared by the nodes)
 apart from the node's own folder of control files (job.json, STOP, outcome.json). Local
 rank 0 writes the node's outcome, and another rank only a failure that comes first.
+
+A child started by a worker also obeys its runner's lease heartbeat (job.json's `fence`,
+worker/fence.py): once the runner stops renewing, every rank exits at once, writing
+nothing, before anyone else can be given the job.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from swav_core.config import TrainConfig
 from swav_core.errors import SwavError
 from swav_core.spawn import StopFile
 from swav_core.trainer import train
+from worker.fence import watch_heartbeat
 
 # How gloo and NCCL report a peer rank that went away (its process or machine died): the
 # run failed because another node was lost, not because of anything on this one.
@@ -57,6 +62,8 @@ def outcome_for(error: BaseException) -> dict[str, object]:
 
 def main(control_dir: Path) -> int:
     spec = json.loads((control_dir / "job.json").read_text())
+    if "fence" in spec:  # started by a worker: stop, writing nothing, once it is fenced
+        watch_heartbeat(Path(spec["fence"]["heartbeat"]), float(spec["fence"]["every_s"]))
     config = TrainConfig.model_validate(spec["config"])
     data_dir = Path(spec["data_dir"])
     run_dir = Path(spec.get("run_dir", control_dir))

@@ -14,10 +14,13 @@ import time
 from pathlib import Path
 
 import httpx
+import redis
 from sqlalchemy import select
 
 from swav_service.db import make_engine
+from swav_service.dispatch import TRAIN_TASK
 from swav_service.models import JobRank
+from swav_service.settings import Settings
 from tests.conftest import Service
 from tests.e2e.test_service_e2e import upload_ready_dataset, wait_for
 from tests.worker.test_recovery import (
@@ -29,6 +32,7 @@ from tests.worker.test_recovery import (
     trainers_of,
     wait_status,
 )
+from worker.celery_app import create_celery
 
 
 def rank_owners(service: Service, job_id: str) -> dict[int, int]:
@@ -109,3 +113,73 @@ def test_two_node_job_gathers_trains_and_resumes_after_a_node_is_killed(
         checkpoints = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
         assert any(c["final"] and c["available"] for c in checkpoints)
         assert rank_owners(service, job_id) == {}  # a finished job holds no node claims
+
+
+def two_node_job(client: httpx.Client, dataset_id: str) -> str:
+    response = client.post("/v1/jobs", json={
+        "dataset_id": dataset_id, "preset": "cpu-tiny", "config": {"epochs": 1},
+        "resources": {"gpus": 1, "nodes": 2},
+    })
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def released(client: httpx.Client, job_id: str) -> list[str]:
+    return [e["data"]["reason"] for e in events_of(client, job_id)
+            if e["type"] == "rank_released"]
+
+
+def test_a_gang_that_cannot_form_gives_its_worker_back(
+    pg_service: Service, shapes_dir: Path
+) -> None:
+    service = pg_service
+    service.env.update(FAST_LEASES | {"SWAV_WORKER_ADDRESS": "127.0.0.1", "SWAV_GANG_WAIT_S": "2"})
+    service.start_api()
+    service.start_worker("short")
+    with service.client() as client:
+        dataset_id = upload_ready_dataset(client, service, shapes_dir)["id"]
+        service.start_worker("train", name="alone@test")
+        gang = two_node_job(client, dataset_id)  # two nodes, one worker: it cannot form
+        wait_for(lambda: claims(client, gang) == [0], 60, "node 0 claimed", service)
+        single = client.post("/v1/jobs", json={
+            "dataset_id": dataset_id, "preset": "cpu-tiny", "config": {"epochs": 1},
+        }).json()["id"]
+        done = wait_status(client, service, single, {"succeeded", "failed"}, 120)
+
+        assert done["status"] == "succeeded", done  # the claimant's worker was freed
+        assert "gang_wait" in released(client, gang)
+        waiting = job_of(client, gang)
+        assert waiting["status"] == "queued" and waiting["attempt"] == 0
+
+
+def test_two_gangs_holding_half_the_workers_each_do_not_deadlock(
+    pg_service: Service, shapes_dir: Path
+) -> None:
+    """Worker a holds node 0 of the older job, worker b node 0 of the younger: b gives
+    way at once (not after SWAV_GANG_WAIT_S, which is 10 minutes here) and both run."""
+    service = pg_service
+    service.env.update(FAST_LEASES | {"SWAV_WORKER_ADDRESS": "127.0.0.1"})
+    service.start_api()
+    service.start_worker("short")
+    with service.client() as client:
+        dataset_id = upload_ready_dataset(client, service, shapes_dir)["id"]
+        older, younger = two_node_job(client, dataset_id), two_node_job(client, dataset_id)
+        # The queue in the order that splits the workers: older, younger, older, younger.
+        queue = service.env["SWAV_TRAIN_QUEUE"]
+        redis.Redis.from_url(service.env["SWAV_BROKER_URL"]).delete(queue)
+        settings = Settings(broker_url=service.env["SWAV_BROKER_URL"],
+                            data_dir=Path(service.env["SWAV_DATA_DIR"]), train_queue=queue)
+        sender = create_celery(settings)
+        for job_id in (older, younger, older, younger):
+            sender.send_task(TRAIN_TASK, args=[job_id], queue=queue)
+        service.start_worker("train", name="node-a@test")
+        wait_for(lambda: claims(client, older) == [0], 60, "a holding the older job", service)
+        service.start_worker("train", name="node-b@test")
+        for job_id in (older, younger):
+            done = wait_status(client, service, job_id, {"succeeded", "failed"}, 240)
+            assert done["status"] == "succeeded" and done["attempt"] == 1, done
+
+        assert claims(client, younger)[0] == 0 and "older_gang_forming" in released(
+            client, younger
+        )
+        assert released(client, older) == []
