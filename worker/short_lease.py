@@ -37,9 +37,10 @@ WORKER_LOST = "worker_lost"
 
 
 def lost_message(doing: str, attempts: int, redo: str) -> str:
+    times = "once" if attempts == 1 else f"{attempts} times"
     return (
-        f"the worker {doing} was lost (killed, or it stopped renewing its claim) on each of "
-        f"{attempts} attempts, the limit (SWAV_SHORT_TASK_MAX_ATTEMPTS); {redo}"
+        f"the worker {doing} was lost (killed, or it stopped renewing its claim) {times}, "
+        f"the limit (SWAV_SHORT_TASK_MAX_ATTEMPTS); {redo}"
     )
 
 

@@ -192,7 +192,7 @@ def test_a_dataset_whose_every_claim_was_lost_fails_with_worker_lost(
     row = row_of(INGESTION, row_id)
     assert (row.status, row.error_code, row.task_lease_expires_at) == (
         "failed", "worker_lost", None)
-    assert "3 attempts" in row.error_message and "SWAV_SHORT_TASK_MAX_ATTEMPTS" in row.error_message
+    assert "3 times" in row.error_message and "SWAV_SHORT_TASK_MAX_ATTEMPTS" in row.error_message
     assert claim_short(INGESTION, row_id, settings) is None
     assert messages_for(settings, INGESTION, row_id) == 2  # sent again after the first two
 
