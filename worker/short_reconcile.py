@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, not_, or_, select, update
 
 from swav_service.db import session_scope
 from swav_service.dispatch import producer
@@ -36,11 +36,13 @@ def send_short(kind: ShortKind, row_id: str) -> None:
 
 def _expired(kind: ShortKind, settings: Settings) -> int:
     model = kind.model
+    lease = model.task_lease_expires_at
+    # Held with no lease and not awaiting a claim: an embedding job left `running` before
+    # claims had leases (migration 0008); it is as lost as an expired one.
+    lost = or_(lease < utcnow(), and_(lease.is_(None), not_(kind.waiting)))
     with session_scope() as session:
         rows = session.execute(
-            select(model.id, model.task_token, model.task_attempts).where(
-                kind.held, model.task_lease_expires_at < utcnow()
-            )
+            select(model.id, model.task_token, model.task_attempts).where(kind.held, lost)
         ).all()
     moved = 0
     for row_id, token, attempts in rows:

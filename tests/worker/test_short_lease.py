@@ -177,6 +177,19 @@ def test_a_live_lease_is_left_alone(
     assert row_of(INGESTION, row_id).task_token == 1
 
 
+def test_an_embedding_job_left_running_before_leases_is_requeued(
+    settings: Settings, waiting_row: Callable[[ShortKind], str]
+) -> None:
+    row_id = waiting_row(EMBEDDING)
+    with session_scope() as session:  # as an unleased claim before migration 0008 left it
+        session.execute(update(EmbeddingJob).where(EmbeddingJob.id == row_id)
+                        .values(status="running"))
+    assert expired_short_leases(settings) == 1
+    row = row_of(EMBEDDING, row_id)
+    assert (row.status, row.task_token) == ("queued", 1)
+    assert messages_for(settings, EMBEDDING, row_id) == 1
+
+
 def lose_every_claim(settings: Settings, kind: ShortKind, row_id: str) -> None:
     for _ in range(settings.short_task_max_attempts):
         assert claim_short(kind, row_id, settings) is not None
