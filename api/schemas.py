@@ -290,6 +290,11 @@ class CheckpointPublic(PublicModel):
     best: bool = Field(
         False, description="The job's best checkpoint by its keep_best_by metric (kept)."
     )
+    evaluation_error: ErrorInfo | None = Field(
+        None,
+        description="Why the last quality report asked for could not be computed (e.g. "
+        "`worker_lost`, `checkpoint_gone`); null once one is asked for again.",
+    )
     created_at: datetime
 
     @classmethod

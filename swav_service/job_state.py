@@ -142,3 +142,14 @@ def change_status(
         data["error"] = {"code": error_code, "message": error_message}
     append_event(session, job_id, "state", data)
     return True
+
+
+def evaluation_request() -> dict[str, Any]:
+    """The checkpoint columns that ask for its quality report afresh: a new request gets
+    its own attempts (worker/short_lease.py) and clears the last one's error."""
+    return {
+        "evaluation_requested_at": utcnow(),
+        "evaluation_error": None,
+        "task_attempts": 0,
+        "task_sent_at": None,
+    }

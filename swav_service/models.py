@@ -56,7 +56,23 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
-class Dataset(Base):
+class ShortTaskClaim:
+    """The claim on a row's short task (ingestion, batch embedding, evaluation), as
+    worker/short_lease.py takes and renews it and the reconciler repairs it.
+
+    A claim bumps `task_token` (a compare-and-set, so a duplicate delivery never runs the
+    task twice at once) and counts an attempt; `task_lease_expires_at` is set while a
+    worker holds the row, `task_sent_at` when its message was last sent (null: when the
+    row was made or the task requested).
+    """
+
+    task_token: Mapped[int] = mapped_column(Integer, default=0)
+    task_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    task_lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    task_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Dataset(ShortTaskClaim, Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -138,7 +154,7 @@ class JobEvent(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class Checkpoint(Base):
+class Checkpoint(ShortTaskClaim, Base):
     __tablename__ = "checkpoints"
     __table_args__ = (UniqueConstraint("job_id", "step", "final", name="uq_checkpoints_step"),)
 
@@ -161,6 +177,8 @@ class Checkpoint(Base):
     best: Mapped[bool] = mapped_column(Boolean, default=False)
     # Set while its quality report is queued or computed (one in flight per checkpoint).
     evaluation_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # {"code", "message"} of the last quality report that could not be computed.
+    evaluation_error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Worker(Base):
@@ -203,7 +221,7 @@ class JobRank(Base):
 EMBEDDING_JOB_STATUSES: tuple[str, ...] = get_args(EmbeddingJobStatus)
 
 
-class EmbeddingJob(Base):
+class EmbeddingJob(ShortTaskClaim, Base):
     """A batch embedding of a whole dataset with one checkpoint (short-queue task)."""
 
     __tablename__ = "embedding_jobs"

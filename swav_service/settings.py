@@ -59,6 +59,17 @@ class Settings(BaseSettings):
         60.0, description="A queued job whose message is not in the broker this long is re-sent."
     )
     worker_heartbeat_s: float = Field(10.0, description="How often a worker says it is alive.")
+    short_task_lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="A short task (ingestion, batch embedding, evaluation) whose worker is "
+        "silent this long is presumed lost and sent again; renewed every third of it.",
+    )
+    short_task_max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Claims a short task may lose before its row fails with `worker_lost`.",
+    )
 
     # What a training worker offers (worker/resources.py) and multi-node jobs (worker/gang.py).
     worker_gpus: int | None = Field(

@@ -16,90 +16,33 @@ is a compare-and-set, so several at once are safe) repairs each case:
 - a deleted dataset's images are removed from the artifact store (worker/store_sweep.py).
 
 A job that leaves its run this way also loses its node-rank claims (worker/ranks.py), so
-the nodes of a multi-node gang stop, and the next run gathers a new one.
+the nodes of a multi-node gang stop, and the next run gathers a new one. Short tasks
+(ingestion, batch embedding, evaluation) get the same care in worker/short_reconcile.py.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
 
 from swav_service.db import session_scope
-from swav_service.dispatch import TRAIN_TASK, enqueue_job, producer
+from swav_service.dispatch import TRAIN_TASK, enqueue_job
 from swav_service.job_state import append_event, change_status
 from swav_service.models import Job, Worker, utcnow
 from swav_service.settings import Settings
+from worker.broker_view import broker_messages
 from worker.ranks import live_ranks, release_ranks
+from worker.short_reconcile import expired_short_leases, lost_short_messages
 from worker.store_sweep import purge_deleted_datasets
 
 log = logging.getLogger(__name__)
-
-
-def _task_args(message: dict[str, Any]) -> tuple[str | None, list[Any]]:
-    """(task name, positional args) of a Celery protocol-2 message as kombu stores it."""
-    headers = message.get("headers") or {}
-    body = message.get("body")
-    args: list[Any] = []
-    if isinstance(body, str):
-        if (message.get("properties") or {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        try:
-            decoded = json.loads(body)
-            args = list(decoded[0]) if isinstance(decoded, list) and decoded else []
-        except (ValueError, TypeError):
-            args = []
-    return headers.get("task"), args
-
-
-def _train_job_ids(messages: Iterable[dict[str, Any]]) -> Counter[str]:
-    """How many training messages each job has among `messages`."""
-    ids: Counter[str] = Counter()
-    for message in messages:
-        task, args = _task_args(message)
-        if task == TRAIN_TASK and args:
-            ids[str(args[0])] += 1
-    return ids
-
-
-def _decoded(raw: Iterable[Any]) -> list[dict[str, Any]]:
-    messages = [json.loads(m) if isinstance(m, (bytes, str)) else m for m in raw]
-    return [m for m in messages if isinstance(m, dict)]
-
-
-def broker_messages(settings: Settings) -> tuple[Counter[str], Counter[str]]:
-    """Training messages per job: (waiting in a train queue of any size, unacked)."""
-    if settings.broker_url is None:
-        folder = settings.broker_folder / "queue"
-        messages = []
-        for path in folder.glob("*.msg"):
-            try:
-                messages.append(json.loads(path.read_bytes()))
-            except (OSError, ValueError):
-                continue
-        return _train_job_ids(messages), Counter()
-    with producer().connection_for_read() as connection:
-        client = connection.default_channel.client
-        queues = [settings.train_queue, *client.scan_iter(match=f"{settings.train_queue}.gpus*")]
-        waiting = [m for queue in queues for m in client.lrange(queue, 0, -1)]
-        unacked = [json.loads(v)[0] if isinstance(v, (bytes, str)) else v
-                   for v in client.hvals("unacked")]
-    return _train_job_ids(_decoded(waiting)), _train_job_ids(_decoded(unacked))
-
-
-def broker_job_ids(settings: Settings) -> set[str]:
-    """Ids of the jobs that have a training message waiting or unacked in the broker."""
-    waiting, unacked = broker_messages(settings)
-    return set(waiting) | set(unacked)
 
 
 def _expired_leases(settings: Settings) -> int:
@@ -170,13 +113,14 @@ def _lost_messages(settings: Settings) -> int:
         claimed = live_ranks(session, gangs) if gangs else Counter()
     if not waiting:
         return 0
-    queued, unacked = broker_messages(settings)
+    queued, unacked = broker_messages(settings, settings.train_queue)
     resent = 0
     for job_id, gpus, nodes in waiting:
+        key = (TRAIN_TASK, job_id)
         if nodes > 1:
-            missing = nodes - claimed[job_id] - queued[job_id]
+            missing = nodes - claimed[job_id] - queued[key]
         else:
-            missing = 0 if queued[job_id] or unacked[job_id] else 1
+            missing = 0 if queued[key] or unacked[key] else 1
         if missing <= 0:
             continue
         enqueue_job(job_id, gpus, missing)
@@ -188,10 +132,13 @@ def _lost_messages(settings: Settings) -> int:
 
 
 def reconcile_once(settings: Settings) -> dict[str, int]:
-    """One pass; how many jobs it moved or re-sent, and datasets it purged from the store."""
+    """One pass; how many jobs it moved or re-sent, short tasks it requeued or re-sent,
+    and datasets it purged from the store."""
     return {
         "leases": _expired_leases(settings),
         "resent": _lost_messages(settings),
+        "short_leases": expired_short_leases(settings),
+        "short_resent": lost_short_messages(settings),
         "datasets_purged": purge_deleted_datasets(settings),
     }
 

@@ -23,7 +23,7 @@ from swav_core.checkpoint_names import sidecar_path
 from swav_service import quota
 from swav_service.db import session_scope
 from swav_service.dispatch import enqueue_evaluation
-from swav_service.job_state import append_event, append_warning
+from swav_service.job_state import append_event, append_warning, evaluation_request
 from swav_service.models import Checkpoint, Dataset, Job, new_id, utcnow
 from swav_service.settings import Settings
 from swav_service.storage import ArtifactStore, StorageError
@@ -201,7 +201,7 @@ class Relay:
                 session.execute(
                     update(Checkpoint)
                     .where(Checkpoint.id == checkpoint_id)
-                    .values(evaluation_requested_at=utcnow())
+                    .values(**evaluation_request())
                 )
             self._mark_pruned(session)
             event = {**event, "path": path, "checkpoint_id": checkpoint_id}

@@ -1,12 +1,12 @@
 """Celery tasks. Each takes an id, re-reads its row, and does nothing if the row moved on.
 
-`ingest_dataset` extracts and validates an upload (short queue). `run_job` trains a
-job under a lease (worker/runner.py: claim, heartbeat, relay, end state; train
-queue). `embed_dataset`
-embeds a whole dataset with one checkpoint, and `evaluate_checkpoint` stores a
-checkpoint's quality report (kNN / linear probe on the labelled dataset); both run on
-the short queue, and the relay enqueues the latter for every checkpoint of a job whose
-dataset has classes, so training never waits for an evaluation.
+`ingest_dataset` extracts and validates an upload, `embed_dataset` embeds a whole dataset
+with one checkpoint, and `evaluate_checkpoint` stores a checkpoint's quality report (kNN /
+linear probe on the labelled dataset); these run on the short queue, each under a claim
+on its row (worker/short_lease.py) that the reconciler repairs when its worker is lost.
+The relay enqueues an evaluation for every checkpoint of a job whose dataset has classes,
+so training never waits for one. `run_job` trains a job under a lease (worker/runner.py:
+claim, heartbeat, relay, end state; train queue).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from worker.celery_app import app
 from worker.gang import run_node
 from worker.ranks import is_multi_node
 from worker.runner import run_single_node
+from worker.short_lease import EMBEDDING, EVALUATION, INGESTION, ShortClaim, short_claim
 
 log = logging.getLogger(__name__)
 MAX_REPORTED_SKIPS = 1000
@@ -67,26 +68,26 @@ def _in_archive(skipped: tuple[SkippedFile, ...], prefix: str) -> list[dict[str,
 
 
 def _end_validation(
-    dataset_id: str, status: str, skipped: list[dict[str, str]], **values: Any
+    claim: ShortClaim, status: str, skipped: list[dict[str, str]], **values: Any
 ) -> None:
-    """Move a validating dataset to `status` with its skipped files (the first
-    MAX_REPORTED_SKIPS of them) and `values`; a deleted dataset is left alone."""
+    """Move the claimed validating dataset to `status` with its skipped files (the first
+    MAX_REPORTED_SKIPS of them) and `values`; a deleted dataset, or one whose claim was
+    given to another worker, is left alone."""
     with session_scope() as session:
-        session.execute(
-            update(Dataset)
-            .where(Dataset.id == dataset_id, Dataset.status == "validating")
-            .values(
-                status=status,
-                num_skipped=len(skipped),
-                skipped=skipped[:MAX_REPORTED_SKIPS],
-                **values,
-            )
+        claim.finish(
+            session,
+            status=status,
+            num_skipped=len(skipped),
+            skipped=skipped[:MAX_REPORTED_SKIPS],
+            **values,
         )
 
 
-def _fail_dataset(dataset_id: str, code: str, message: str, skipped: list[dict[str, str]]) -> None:
+def _fail_dataset(
+    claim: ShortClaim, code: str, message: str, skipped: list[dict[str, str]]
+) -> None:
     _end_validation(
-        dataset_id, "failed", skipped, error_code=code, error_message=message, images_bytes=0
+        claim, "failed", skipped, error_code=code, error_message=message, images_bytes=0
     )
 
 
@@ -118,10 +119,14 @@ def ingest_dataset(dataset_id: str) -> None:
     and caps, never a server path. Everything is written under the dataset's folder.
     """
     settings = get_settings()
-    with session_scope() as session:
-        dataset = session.get(Dataset, dataset_id)
-        if dataset is None or dataset.status != "validating":
-            return
+    with short_claim(INGESTION, dataset_id, settings) as claim:
+        if claim is not None:  # None: a duplicate delivery, or the dataset moved on
+            _ingest(settings, claim, dataset_id)
+
+
+def _ingest(settings: Settings, claim: ShortClaim, dataset_id: str) -> None:
+    """Idempotent: a run after a lost one starts from the upload again (the staging and
+    images folders are replaced, the artifact store's copy overwritten)."""
     folder = settings.dataset_dir(dataset_id)
     uploads = sorted(folder.glob("upload.*"))
     staging, images = folder / "images.partial", dataset_images_dir(settings, dataset_id)
@@ -161,14 +166,14 @@ def ingest_dataset(dataset_id: str) -> None:
         )
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(images, ignore_errors=True)
-        _fail_dataset(dataset_id, error.code, str(error), skipped)
+        _fail_dataset(claim, error.code, str(error), skipped)
         return
     except Exception:
         log.exception("ingesting dataset %s failed", dataset_id)
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(images, ignore_errors=True)
         _fail_dataset(
-            dataset_id,
+            claim,
             "ingest_failed",
             "the archive could not be processed (a server-side error); upload it again later",
             refused,
@@ -178,21 +183,21 @@ def ingest_dataset(dataset_id: str) -> None:
     refusal = _count_images(dataset_id, settings, quota.folder_bytes(images))
     if refusal is not None:
         shutil.rmtree(images, ignore_errors=True)
-        _fail_dataset(dataset_id, StorageLimitExceeded.code, refusal, skipped)
+        _fail_dataset(claim, StorageLimitExceeded.code, refusal, skipped)
         return
     try:  # with an S3 store, workers on other machines restore the images from it
         artifact_store(settings).upload_tree(images)
     except StorageError:
         log.exception("uploading dataset %s to the artifact store failed", dataset_id)
         _fail_dataset(
-            dataset_id,
+            claim,
             "ingest_failed",
             "the images could not be stored (the artifact store is unreachable); upload again",
             skipped,
         )
         return
     _end_validation(
-        dataset_id,
+        claim,
         "ready",
         skipped,
         num_images=len(scan.files),
@@ -222,13 +227,10 @@ def run_job(job_id: str) -> None:
 
 # --------------------------------------------------------------------------- embeddings
 
-def _finish_embedding(embedding_job_id: str, status: str, **values: Any) -> None:
+def _finish_embedding(claim: ShortClaim, status: str, **values: Any) -> None:
+    """End the claimed running embedding job (nothing if the claim went to another worker)."""
     with session_scope() as session:
-        session.execute(
-            update(EmbeddingJob)
-            .where(EmbeddingJob.id == embedding_job_id, EmbeddingJob.status == "running")
-            .values(status=status, finished_at=utcnow(), updated_at=utcnow(), **values)
-        )
+        claim.finish(session, status=status, finished_at=utcnow(), updated_at=utcnow(), **values)
 
 
 def compute_embeddings(
@@ -253,17 +255,18 @@ def compute_embeddings(
 
 @app.task(name=EMBED_TASK)
 def embed_dataset(embedding_job_id: str) -> None:
+    """Embed every valid image of the job's dataset; the job ends `succeeded` or `failed`.
+    Idempotent: a run after a lost one writes the same files again, atomically."""
     settings = get_settings()
+    with short_claim(EMBEDDING, embedding_job_id, settings) as claim:
+        if claim is not None:  # None: a duplicate delivery, or the job moved on
+            _embed(settings, claim, embedding_job_id)
+
+
+def _embed(settings: Settings, claim: ShortClaim, embedding_job_id: str) -> None:
     with session_scope() as session:
         row = session.get(EmbeddingJob, embedding_job_id)
-        if row is None or row.status != "queued":
-            return  # a duplicate delivery
-        claimed = session.execute(
-            update(EmbeddingJob)
-            .where(EmbeddingJob.id == embedding_job_id, EmbeddingJob.status == "queued")
-            .values(status="running", updated_at=utcnow())
-        )
-        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        if row is None:  # deleted since the claim (with its job or checkpoint)
             return
         checkpoint = session.get(Checkpoint, row.checkpoint_id)
         layer, normalize, dataset_id = row.layer, row.normalize, row.dataset_id
@@ -271,7 +274,7 @@ def embed_dataset(embedding_job_id: str) -> None:
     store = artifact_store(settings)
     if checkpoint_path is None or not store.fetch(checkpoint_path):
         _finish_embedding(
-            embedding_job_id, "failed", error_code="checkpoint_gone",
+            claim, "failed", error_code="checkpoint_gone",
             error_message="the checkpoint is no longer on disk (pruned or removed); "
             "use a newer checkpoint of the job",
         )
@@ -290,18 +293,18 @@ def embed_dataset(embedding_job_id: str) -> None:
             np.save(file, matrix)
     except SwavError as error:
         _finish_embedding(
-            embedding_job_id, "failed", error_code=error.code, error_message=str(error)
+            claim, "failed", error_code=error.code, error_message=str(error)
         )
         return
     except Exception as error:
         log.exception("embedding job %s failed", embedding_job_id)
         _finish_embedding(
-            embedding_job_id, "failed", error_code="internal",
+            claim, "failed", error_code="internal",
             error_message=f"the embedding failed ({type(error).__name__}); see the worker log",
         )
         return
     _finish_embedding(
-        embedding_job_id, "succeeded", num_rows=int(matrix.shape[0]),
+        claim, "succeeded", num_rows=int(matrix.shape[0]),
         path=str(folder.relative_to(settings.artifacts)), size_bytes=quota.folder_bytes(folder),
     )
 
@@ -313,59 +316,62 @@ def embed_dataset(embedding_job_id: str) -> None:
 def evaluate_checkpoint(checkpoint_id: str) -> None:
     """Store kNN and linear-probe top-1 of the checkpoint's backbone on its job's dataset.
 
-    Leaves `quality` unset (and logs why) when the file is gone or the dataset has no
-    classes; the evaluation does not change the model or the dataset.
+    When the report cannot be computed (the file is gone, the data does not allow it),
+    `evaluation_error` on the checkpoint says why; the evaluation does not change the
+    model or the dataset. Done or given up, the checkpoint may be evaluated again.
     """
     settings = get_settings()
+    with short_claim(EVALUATION, checkpoint_id, settings) as claim:
+        if claim is None:  # a duplicate delivery, or nothing requested
+            return
+        error: dict[str, str] | None = {
+            "code": "internal", "message": "the evaluation failed; see the worker log",
+        }
+        try:
+            error = _evaluate(settings, claim, checkpoint_id)
+        finally:
+            with session_scope() as session:
+                claim.finish(session, evaluation_requested_at=None, evaluation_error=error)
+
+
+def _evaluate(settings: Settings, claim: ShortClaim, checkpoint_id: str) -> dict[str, str] | None:
+    """Compute and store the report; the reason it could not be, or None."""
+    from swav_core.evaluate import evaluate_model
+    from swav_core.exports import load_model
+
     with session_scope() as session:
         checkpoint = session.get(Checkpoint, checkpoint_id)
         job = session.get(Job, checkpoint.job_id) if checkpoint is not None else None
         if checkpoint is None or job is None:
-            return
+            return None
         path = settings.artifacts / checkpoint.path
         images = dataset_images_dir(settings, job.dataset_id)
         job_id, keep_best_by = job.id, job.keep_best_by
-    try:
-        _store_quality(settings, checkpoint_id, path, images, job_id, keep_best_by)
-    finally:  # done, or given up: the checkpoint may be evaluated again
-        with session_scope() as session:
-            session.execute(
-                update(Checkpoint)
-                .where(Checkpoint.id == checkpoint_id)
-                .values(evaluation_requested_at=None)
-            )
-
-
-def _store_quality(
-    settings: Settings,
-    checkpoint_id: str,
-    path: Path,
-    images: Path,
-    job_id: str,
-    keep_best_by: str | None,
-) -> None:
-    from swav_core.evaluate import evaluate_model
-    from swav_core.exports import load_model
-
     try:
         store = artifact_store(settings)
         if not images.is_dir():
             store.restore(images)
         if not store.fetch(path):
             log.warning("checkpoint %s not evaluated: its file is gone", checkpoint_id)
-            return
+            return {"code": "checkpoint_gone", "message": "the checkpoint's file is gone "
+                    "(pruned or removed); evaluate a newer checkpoint"}
         model, config = load_model(path)
         report = evaluate_model(model, images, size=config.size_crops[0])
     except SwavError as error:
         log.warning("checkpoint %s not evaluated: %s", checkpoint_id, error)
-        return
+        return {"code": error.code, "message": str(error)}
     quality = {key: report[key] for key in ("knn_top1", "linear_top1", "n_train", "n_val")}
     with session_scope() as session:
+        # The job row first, as the relay locks it before its checkpoints: no deadlock.
+        session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+        if not claim.holds(session):
+            return None  # given to another worker: its report is the one kept
         session.execute(
             update(Checkpoint).where(Checkpoint.id == checkpoint_id).values(quality=quality)
         )
         if keep_best_by:
             keep_best_checkpoint(session, settings, job_id)
+    return None
 
 
 def keep_best_checkpoint(session: Any, settings: Settings, job_id: str) -> None:

@@ -37,8 +37,9 @@ from api.lookups import (
 from api.responses import BROKER_UNAVAILABLE, CHECKPOINT_GONE, STORAGE_LIMIT, TOO_MANY_TASKS
 from api.schemas import CheckpointPublic, EmbeddingJobCreate, EmbeddingJobPublic
 from swav_service.dispatch import enqueue_evaluation
+from swav_service.job_state import evaluation_request
 from swav_service.layout import EMBEDDINGS_FILE, INDEX_FILE
-from swav_service.models import Job, utcnow
+from swav_service.models import Job
 from swav_service.quota import lock_tenant
 
 router = APIRouter(tags=["embedding jobs"])
@@ -155,7 +156,8 @@ def evaluate_checkpoint(
     if evaluation_in_flight(row, settings):
         return CheckpointPublic.from_row(row)  # asked again: the one in flight answers
     short_tasks_left(session, settings, tenant)
-    row.evaluation_requested_at = utcnow()
+    for column, value in evaluation_request().items():
+        setattr(row, column, value)
     session.commit()
     try:
         enqueue_evaluation(row.id)

@@ -28,13 +28,15 @@ def zip_folder(folder: Path, top: str = "shapes") -> bytes:
     return buffer.getvalue()
 
 
-def wait_for(check: Callable[[], Any], timeout: float, what: str, service: Service) -> Any:
+def wait_for(
+    check: Callable[[], Any], timeout: float, what: str, service: Service, every: float = 0.3
+) -> Any:
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = check()
         if value:
             return value
-        time.sleep(0.3)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}\n{service.logs()}")
 
 
