@@ -33,15 +33,21 @@ class Settings(BaseSettings):
         "decompression bomb. Default: Pillow's limit (89.5 M); effective up to twice that.",
     )
 
-    train_queue: str = "train"
-    short_queue: str = "short"
+    train_queue: str = Field(
+        "train", description="Broker queue of training jobs (with N GPUs per node: .gpusN)."
+    )
+    short_queue: str = Field(
+        "short", description="Broker queue of ingestion, embedding and evaluation tasks."
+    )
     events_metrics_every_s: float = Field(1.0, description="Throttle for metric events.")
     max_events_per_job: int = Field(
         10_000, ge=0, description="Events a job's log keeps (0: no cap); past it, every "
         "other metrics and epoch event is removed, lifecycle events never (job_state.py)."
     )
     cancel_grace_s: float = Field(60.0, description="Hard stop after a cooperative cancel.")
-    poll_interval_s: float = 0.5
+    poll_interval_s: float = Field(
+        0.5, description="How often a runner polls its child and an event stream its job."
+    )
 
     # Leases and recovery (worker/runner.py, worker/reconciler.py).
     lease_ttl_s: float = Field(60.0, description="A runner silent this long is presumed dead.")
