@@ -29,7 +29,6 @@ import torch
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as F
 
-
 from swav_core.config import TrainConfig
 from swav_core.multicrop import BLUR_SIGMA, IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size
 
@@ -370,7 +369,8 @@ def _contrast(x: torch.Tensor, factor: torch.Tensor) -> None:
 
 def _saturation(x: torch.Tensor, factor: torch.Tensor) -> None:
     f = _per_crop(factor)
-    x.mul_(f).add_((1 - f) * F.rgb_to_grayscale(x)).clamp_(0, 1)
+    gray = F.rgb_to_grayscale(x)  # (M, 1, H, W), of x before the blend
+    x.mul_(f).add_((1 - f) * gray).clamp_(0, 1)
 
 
 _HUE_PHASE = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)  # r, g, b in hsv_to_rgb below
