@@ -5,18 +5,22 @@ and appendix A): per crop a RandomResizedCrop of the group's scale range and asp
 3/4-4/3, a horizontal flip (p=0.5), colour jitter (0.8s, 0.8s, 0.8s, 0.2s) in a random
 order with p=0.8, grayscale with p=0.2, Gaussian blur (p=0.5, sigma in [0.1, 2] px) and
 ImageNet normalisation. The draws have torchvision's distributions; what differs is the
-work: one `roi_align` per crop-size group instead of a PIL resize per crop, and each
-colour operation once over the group's crops instead of once per crop.
+work: each colour step runs once over many crops instead of once per crop, blur is
+separable, and crops with the same jitter order are neighbours so each step runs in place.
+
+Crop and resize: on the CPU, torchvision's uint8 antialiased resize per crop (its fast
+path; an image stored channels-last, as a decoder gives it, is not copied); on an
+accelerator, one `roi_align` per crop-size group over the images padded into one batch
+(an area filter, so antialiased too; the padding never reaches a crop).
 
 Input: a list of (3, H, W) uint8 tensors of any sizes (prepared datasets hold images at
-their own size; shipping only real pixels keeps host-to-device copies small). They are
-padded into one float batch on their device for `roi_align`; the padding never reaches a
-crop (see `_padded_batch`).
+their own size; shipping only real pixels keeps host-to-device copies small).
 
 Randomness: every sample gets its own `torch.Generator`, seeded by the caller from
 (seed, epoch, index) as `swav_core.data` does for the PIL path, and all of that sample's
-draws come from it in a fixed order. A sample's crops therefore depend on its seed and
-pixels only, not on the batch it is in, its position there, the rank or the device.
+draws come from it in a fixed order. A sample's draws therefore depend on its seed only,
+not on the batch it is in, its position there or the rank; its pixels equal to float
+rounding (sums vectorised over different neighbours).
 """
 
 from __future__ import annotations
