@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from swav_core.batch_multicrop import BatchMultiCrop
-from swav_core.data import _mix_seed
+from swav_core.data import mix_seed
 from swav_core.images import rgb_frame
 from swav_core.multicrop import MultiCropTransform
 from swav_core.presets import config_from
@@ -87,7 +87,7 @@ def main() -> None:
     config = config_from("imagenet-800ep")
     blobs = synthetic_jpegs(args.images)
     tensors = [decode_to_tensor(blob) for blob in blobs]
-    seeds = [_mix_seed(config.seed, 0, index) for index in range(args.images)]
+    seeds = [mix_seed(config.seed, 0, index) for index in range(args.images)]
     pil_transform = MultiCropTransform.from_config(config)
     batch_transform = BatchMultiCrop.from_config(config)
 

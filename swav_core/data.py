@@ -25,7 +25,7 @@ SampleKey = tuple[int, int]
 Sample = tuple[list[torch.Tensor], int]
 
 
-def _mix_seed(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 63-bit seed that changes unpredictably with every one of `values`."""
     text = ":".join(str(int(v)) for v in values).encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
@@ -67,7 +67,7 @@ class MultiCropDataset(Dataset[Sample]):
                 "the folder changed after it was scanned"
             ) from exc
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix_seed(self.seed, epoch, index))
+            torch.manual_seed(mix_seed(self.seed, epoch, index))
             crops = self.transform(image)
         return crops, index
 
@@ -138,7 +138,7 @@ class ShardedEpochSampler(Sampler[SampleKey]):
 
     def permutation(self, epoch: int) -> torch.Tensor:
         """The epoch's order of all dataset indices; identical on every rank."""
-        generator = torch.Generator().manual_seed(_mix_seed(self.seed, epoch))
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
         return torch.randperm(self.dataset_len, generator=generator)
 
     def __iter__(self) -> Iterator[SampleKey]:
