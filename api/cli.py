@@ -1,5 +1,6 @@
-"""`swav-service`: migrate, api, worker, up (migrate + API + workers for local use), and
-API keys: create-key, revoke-key, list-keys (on the database the settings name).
+"""`swav-service`: migrate, api, worker, up (migrate + API + workers for local use),
+API keys: create-key, revoke-key, list-keys (on the database the settings name), and
+prepare-datasets (the prepared copy of ready datasets ingested before it existed).
 
 The key commands migrate the embedded SQLite file first when it is new or behind, so
 `create-key` works on a fresh data folder; on a database server that is not migrated they
@@ -144,6 +145,33 @@ def list_keys(tenant: str | None) -> int:
     return 0
 
 
+def prepare_datasets() -> int:
+    """Write the prepared copy (swav_service/prepared_copy.py) of every ready dataset that
+    lacks one, one line per dataset; 1 if any could not be prepared (see the log)."""
+    import logging
+
+    from sqlalchemy import select
+
+    from swav_service.db import session_scope
+    from swav_service.models import Dataset
+    from swav_service.prepared_copy import READY, prepare_ready_dataset
+    from swav_service.settings import get_settings
+
+    if not ensure_schema("prepare-datasets"):
+        return 1
+    logging.basicConfig(level=logging.INFO)
+    with session_scope() as session:
+        ids = session.scalars(
+            select(Dataset.id).where(Dataset.status == READY).order_by(Dataset.created_at)
+        ).all()
+    failed = False
+    for dataset_id in ids:
+        outcome = prepare_ready_dataset(get_settings(), dataset_id)
+        print(f"{dataset_id}: {outcome}", flush=True)
+        failed |= outcome == "not prepared"
+    return 1 if failed else 0
+
+
 def run_api(host: str, port: int) -> None:
     import uvicorn
 
@@ -236,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     revoke.add_argument("key", metavar="KEY_ID_OR_PREFIX")
     listing = commands.add_parser("list-keys", help="list API keys (never the keys themselves)")
     listing.add_argument("--tenant", default=None)
+    commands.add_parser(
+        "prepare-datasets", help="write the prepared copy of ready datasets that lack it"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "migrate":
@@ -252,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         return revoke_key(args.key)
     elif args.command == "list-keys":
         return list_keys(args.tenant)
+    elif args.command == "prepare-datasets":
+        return prepare_datasets()
     return 0
 
 

@@ -5,6 +5,7 @@ The workers write these files and the API serves them, often from different mach
 and names from here instead of repeating them:
 
     datasets/<dataset_id>/images/            the validated images of an ingested dataset
+    datasets/<dataset_id>/prepared/          the same images decoded (swav_core/prepared.py)
     jobs/<job_id>/run/                       a training run (checkpoints/, events, logs)
     embeddings/<embedding_job_id>/           a batch embedding job's two files:
         embeddings.npy                       N x D float32 rows
@@ -26,6 +27,12 @@ INDEX_FILE = "index.json"
 def dataset_images_dir(settings: Settings, dataset_id: str) -> Path:
     """The folder of a dataset's validated images (what training and embedding read)."""
     return settings.dataset_dir(dataset_id) / "images"
+
+
+def dataset_prepared_dir(settings: Settings, dataset_id: str) -> Path:
+    """The folder of a dataset's prepared copy: its images decoded once, in the images
+    folder's scan order (complete only with its manifest, swav_core/prepared.py)."""
+    return settings.dataset_dir(dataset_id) / "prepared"
 
 
 def job_run_dir(settings: Settings, job_id: str) -> Path:

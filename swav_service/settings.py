@@ -33,6 +33,14 @@ class Settings(BaseSettings):
         "decompression bomb. Default: Pillow's limit (89.5 M); effective up to twice that.",
     )
 
+    prepared_max_short_side: int = Field(
+        256,
+        ge=1,
+        description="Shorter side (px) above which an image is downscaled in the dataset's "
+        "prepared copy (decoded uint8, swav_core/prepared.py); at least the largest crop "
+        "(224 in every preset); smaller images are kept as they are, never upscaled.",
+    )
+
     train_queue: str = Field(
         "train", description="Broker queue of training jobs (with N GPUs per node: .gpusN)."
     )

@@ -1,6 +1,7 @@
 """Celery tasks. Each takes an id, re-reads its row, and does nothing if the row moved on.
 
-`ingest_dataset` extracts and validates an upload, `embed_dataset` embeds a whole dataset
+`ingest_dataset` extracts and validates an upload (and writes its prepared copy,
+swav_service/prepared_copy.py), `embed_dataset` embeds a whole dataset
 with one checkpoint, and `evaluate_checkpoint` stores a checkpoint's quality report (kNN /
 linear probe on the labelled dataset); these run on the short queue, each under a claim
 on its row (worker/short_lease.py) that the reconciler repairs when its worker is lost.
@@ -30,10 +31,12 @@ from swav_service.layout import (
     EMBEDDINGS_FILE,
     INDEX_FILE,
     dataset_images_dir,
+    dataset_prepared_dir,
     embeddings_dir,
     job_run_dir,
 )
 from swav_service.models import Checkpoint, Dataset, EmbeddingJob, Job, utcnow
+from swav_service.prepared_copy import prepare_dataset
 from swav_service.quota import StorageLimitExceeded
 from swav_service.settings import Settings, get_settings
 from swav_service.storage import StorageError, artifact_store
@@ -125,12 +128,13 @@ def ingest_dataset(dataset_id: str) -> None:
 
 
 def _ingest(settings: Settings, claim: ShortClaim, dataset_id: str) -> None:
-    """Idempotent: a run after a lost one starts from the upload again (the staging and
-    images folders are replaced, the artifact store's copy overwritten)."""
+    """Idempotent: a run after a lost one starts from the upload again (the staging,
+    images and prepared folders are replaced, the artifact store's copy overwritten)."""
     folder = settings.dataset_dir(dataset_id)
     uploads = sorted(folder.glob("upload.*"))
     staging, images = folder / "images.partial", dataset_images_dir(settings, dataset_id)
     shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(dataset_prepared_dir(settings, dataset_id), ignore_errors=True)
     limits = ArchiveLimits(
         settings.max_archive_members,
         settings.max_uncompressed_bytes,
@@ -196,6 +200,7 @@ def _ingest(settings: Settings, claim: ShortClaim, dataset_id: str) -> None:
             skipped,
         )
         return
+    prepare_dataset(settings, dataset_id, scan)  # without it, training decodes the images
     _end_validation(
         claim,
         "ready",

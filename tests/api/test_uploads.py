@@ -485,7 +485,8 @@ def assert_contained_and_healthy(service: Service) -> None:
     assert not list(service.data_dir.parent.parent.rglob(f"*{TOKEN}*"))
     assert not list(Path("/tmp").glob(f"*{TOKEN}*"))  # where the absolute members point
     for folder in (service.data_dir / "artifacts" / "datasets").iterdir():
-        assert {p.name for p in folder.iterdir()} <= {"upload.zip", "upload.tar.gz", "images"}
+        names = {p.name for p in folder.iterdir()}
+        assert names <= {"upload.zip", "upload.tar.gz", "images", "prepared"}
     with service.client() as client:
         assert client.get("/healthz").status_code == 200
         assert client.get("/readyz").status_code == 200

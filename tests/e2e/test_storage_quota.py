@@ -82,6 +82,9 @@ def test_a_training_job_that_crosses_the_quota_stops_and_keeps_its_last_checkpoi
         assert dataset["status"] == "ready", dataset
         usage = client.get("/v1/usage").json()
         assert usage["stored_bytes"] == limit - 1 and usage["images_bytes"] > 0
+        # its prepared copy would cross the limit: left out, the dataset ready all the same
+        prepared = pg_service.data_dir / "artifacts" / "datasets" / dataset["id"] / "prepared"
+        assert not prepared.exists()
 
         # 30 epochs of 4 steps, a checkpoint every 4: the first one crosses the limit.
         response = client.post("/v1/jobs", json={
@@ -150,7 +153,10 @@ def test_stored_bytes_count_embeddings_exports_and_images(
             assert exported["checkpoints_bytes"] > after["checkpoints_bytes"] + len(export.content)
             assert exported["archives_bytes"] == len(archive)
             images = artifacts / "datasets" / dataset["id"] / "images"
-            assert exported["images_bytes"] == folder_bytes(images) == images_bytes(shapes_dir)
+            prepared = artifacts / "datasets" / dataset["id"] / "prepared"
+            assert folder_bytes(images) == images_bytes(shapes_dir)
+            assert exported["images_bytes"] == folder_bytes(images) + folder_bytes(prepared)
+            assert folder_bytes(prepared) > 0  # the images and their prepared copy
             assert exported["stored_bytes"] == sum(
                 exported[k] for k in ("archives_bytes", "images_bytes", "checkpoints_bytes",
                                       "embeddings_bytes", "reserved_bytes")
