@@ -14,11 +14,11 @@ fitted again (a `budget_refitted` event). Each refit bends the cosine a little, 
 size of the correction, which is better than a run that ends far past its budget or
 stops before its learning rate has decayed.
 
-After the last pace check the budget is still a deadline: when the step just taken says
-that one more step and the final checkpoint would end past it, the run ends at this
-step (a `budget_refitted` event whose `total_steps` is the step it was fitted at). A
-machine that slows down in the last tenth then costs the run its last steps, not the
-user minutes past the budget.
+After the last pace check the budget is still a deadline: when the pace says that one
+more step and the final checkpoint would end past it, the run ends at this step (a
+`budget_refitted` event whose `total_steps` is the step it was fitted at). A machine that
+slows down in the last tenth then costs the run its last steps, not the user minutes past
+the budget.
 """
 
 from __future__ import annotations
@@ -93,7 +93,6 @@ class BudgetFitter:
         self.warmup_steps = warmup_steps
         self.fit = fit
         self.window_start: tuple[int, float] | None = None
-        self.last_step: tuple[int, float] | None = None
         self.checkpoint_s = 0.0
 
     def elapsed(self, now: float) -> float:
@@ -110,11 +109,8 @@ class BudgetFitter:
 
         `checkpoint_cost_s` is called once, at the first fit: what one checkpoint costs.
         """
-        previous, self.last_step = self.last_step, (steps_done, now)
-        if self.fit is not None and previous is not None and steps_done < self.fit.total_steps:
-            step_s = (now - previous[1]) / max(1, steps_done - previous[0])
-            if self.elapsed(now) + step_s + self.checkpoint_s > self.budget_s:
-                return self._fit_ending_now(steps_done, now)
+        if self._one_more_step_would_pass_the_deadline(steps_done, now):
+            return self._fit_ending_now(steps_done, now)
         if self.window_start is None:
             if steps_done >= SKIPPED_STEPS:
                 self.window_start = (steps_done, now)
@@ -138,6 +134,21 @@ class BudgetFitter:
         if abs(projected + self.checkpoint_s - self.budget_s) <= REFIT_TOLERANCE * self.budget_s:
             return None
         return self._fit(steps_done, now, pace, measured, 0.0)
+
+    def _one_more_step_would_pass_the_deadline(self, steps_done: int, now: float) -> bool:
+        """Whether a fitted run with steps left would end past its budget if it took one
+        more step and then its final checkpoint. The step's time is the pace since the last
+        pace check (it includes the checkpoints written meanwhile, and a slowdown shows in
+        it), or the fitted step time while that window is shorter than MIN_MEASURED_STEPS:
+        one step that paid for a checkpoint is no pace."""
+        if self.fit is None or self.window_start is None or steps_done >= self.fit.total_steps:
+            return False
+        first_step, first_time = self.window_start
+        measured = steps_done - first_step
+        step_s = (now - first_time) / measured if measured >= MIN_MEASURED_STEPS else (
+            self.fit.step_time_s
+        )
+        return self.elapsed(now) + step_s + self.checkpoint_s > self.budget_s
 
     def _fit_ending_now(self, steps_done: int, now: float) -> ScheduleFit:
         assert self.fit is not None
