@@ -6,7 +6,12 @@ crops and optimiser on pre-made tensors, timed stage by stage (forward, Sinkhorn
 backward + step). The data share is the time to produce one batch with the loader in the
 main process. Prints images/s of both, their ratio, the shares and peak RSS.
 
+`--data-path prepared` trains from a prepared copy of the same JPEGs (written before the
+clock starts), its crops made in batches (swav_core/prepared_loader.py); `pil` (default)
+decodes and crops each image in the loader workers.
+
     .venv/bin/python bench/train_throughput.py [--steps 30] [--precision bf16]
+        [--data-path pil|prepared]
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ from typing import Any
 import torch
 
 from swav_core.config import TrainConfig
-from swav_core.data import MultiCropDataset, ShardedEpochSampler, make_loader
+from swav_core.data import ShardedEpochSampler
 from swav_core.image_folder import scan_image_folder
 from swav_core.loss import swav_loss
 from swav_core.model import SwAVModel
-from swav_core.multicrop import MultiCropTransform
+from swav_core.prepared import write_prepared
+from swav_core.prepared_loader import training_input
 from swav_core.presets import config_from
 from swav_core.synthetic import SHAPES, shape_image
 from swav_core.trainer import autocast_context, train
@@ -73,17 +79,21 @@ def bench_config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def end_to_end(config: TrainConfig, data: Path, run: Path, skip: int) -> float:
+def end_to_end(
+    config: TrainConfig, data: Path, run: Path, skip: int, prepared: Path | None
+) -> float:
     """Images/s of the trainer over its steps after `skip` warm-up steps."""
     stamps: list[float] = []
-    train(
-        config,
-        data,
-        run,
-        callbacks=[
-            lambda e: stamps.append(time.perf_counter()) if e["type"] == "metrics" else None
-        ],
-    )
+    paths: list[str] = []
+
+    def record(event: dict[str, Any]) -> None:
+        if event["type"] == "metrics":
+            stamps.append(time.perf_counter())
+        elif event["type"] == "started":
+            paths.append(event["data_path"])
+
+    train(config, data, run, callbacks=[record], prepared_dir=prepared)
+    assert paths == ["pil" if prepared is None else "prepared"], paths
     intervals = [b - a for a, b in zip(stamps[skip:], stamps[skip + 1 :], strict=False)]
     return config.batch_size / statistics.median(intervals)
 
@@ -143,12 +153,14 @@ def best_bound(args: argparse.Namespace) -> tuple[float, dict[str, float]]:
     return float(bound), dict(stages)
 
 
-def data_time(config: TrainConfig, data: Path, batches: int) -> float:
-    """Seconds to decode and multi-crop one batch in the main process."""
+def data_time(config: TrainConfig, data: Path, batches: int, prepared: Path | None) -> float:
+    """Seconds to make one batch of crops (decode or read, multi-crop) in the main process."""
     scan = scan_image_folder(data)
-    dataset = MultiCropDataset(scan, MultiCropTransform.from_config(config), config.seed)
-    sampler = ShardedEpochSampler(len(dataset), config.batch_size, 0, 1, config.seed)
-    loader = make_loader(dataset, sampler, config.batch_size, 0, torch.device("cpu"))
+    sampler = ShardedEpochSampler(len(scan.files), config.batch_size, 0, 1, config.seed)
+    serial = config.model_copy(update={"num_workers": 0})
+    loader = training_input(
+        serial, scan, scan.fingerprint(), sampler, torch.device("cpu"), prepared
+    ).loader
     start = time.perf_counter()
     for i, _ in enumerate(loader):
         if i + 1 == batches:
@@ -162,6 +174,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--data-path", choices=["pil", "prepared"], default="pil")
     parser.add_argument("--bound-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = bench_config(args)
@@ -172,9 +185,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = write_jpegs(Path(tmp) / "data", args.batch * (args.steps + 1), 128)
+        prepared = None
+        if args.data_path == "prepared":
+            prepared = Path(tmp) / "prepared"
+            write_prepared(scan_image_folder(data), prepared)
         bound, stages = best_bound(args)
-        e2e = end_to_end(config, data, Path(tmp) / "run", skip)
-        per_batch_data = data_time(config, data, 4)
+        e2e = end_to_end(config, data, Path(tmp) / "run", skip, prepared)
+        per_batch_data = data_time(config, data, 4, prepared)
 
     step = sum(stages.values())
     rss_mb = (
@@ -188,7 +205,7 @@ def main() -> None:
         "model": f"resnet18 {config.n_crops[0]}x{config.size_crops[0]}+"
         f"{config.n_crops[1]}x{config.size_crops[1]} batch {config.batch_size} "
         f"{config.precision}, {torch.get_num_threads()} threads, "
-        f"{config.num_workers} loader workers, "
+        f"{config.num_workers} loader workers, data path {args.data_path}, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
         "end_to_end_images_per_s": round(e2e, 2),
         "compute_bound_images_per_s": round(bound, 2),

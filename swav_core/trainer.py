@@ -38,7 +38,7 @@ from swav_core.collapse import (
     window_steps,
 )
 from swav_core.config import TrainConfig
-from swav_core.data import MultiCropDataset, ShardedEpochSampler, make_loader
+from swav_core.data import ShardedEpochSampler
 from swav_core.distributed import (
     DistContext,
     all_reduce_mean,
@@ -49,7 +49,7 @@ from swav_core.errors import CollapsedError, ConfigError, NonFiniteLossError
 from swav_core.events import EventCallback, EventSink
 from swav_core.image_folder import scan_image_folder
 from swav_core.model import SwAVModel
-from swav_core.multicrop import MultiCropTransform
+from swav_core.prepared_loader import training_input
 from swav_core.step import swav_step
 from swav_core.sync_batchnorm import convert_batchnorm
 from swav_core.training_state import (
@@ -97,8 +97,13 @@ def train(
     resume: bool = True,
     device: torch.device | None = None,
     started_at: float | None = None,
+    prepared_dir: Path | None = None,
 ) -> TrainResult:
     """Pretrain SwAV on the images under `data_dir`, checkpointing into `run_dir`.
+
+    With `prepared_dir` (the images' prepared copy) samples come from it, cropped in
+    batches, when it can serve the run (swav_core/prepared_loader.py); otherwise from the
+    images, with a "warning" event saying why.
 
     Resumes from the newest valid checkpoint in run_dir when `resume`. `should_stop` is
     polled after every step; when it returns True on any rank the run checkpoints and
@@ -111,7 +116,8 @@ def train(
     since = 0.0 if started_at is None else max(0.0, time.time() - started_at)
     with distributed_context(device) as ctx:
         return _train(
-            config, Path(data_dir), Path(run_dir), callbacks, should_stop, resume, ctx, since
+            config, Path(data_dir), Path(run_dir), callbacks, should_stop, resume, ctx, since,
+            prepared_dir=None if prepared_dir is None else Path(prepared_dir),
         )
 
 
@@ -124,6 +130,7 @@ def _train(
     resume: bool,
     ctx: DistContext,
     spent_s: float = 0.0,
+    prepared_dir: Path | None = None,
 ) -> TrainResult:
     # --- set-up
     started_at = time.monotonic() - spent_s  # a budget counts from here, set-up included
@@ -141,11 +148,13 @@ def _train(
 
     # --- data
     scan = scan_image_folder(data_dir)
-    dataset = MultiCropDataset(scan, MultiCropTransform.from_config(config), config.seed)
-    sampler = ShardedEpochSampler(len(dataset), per_rank, ctx.rank, ctx.world_size, config.seed)
-    loader = make_loader(dataset, sampler, per_rank, config.num_workers, device)
-    steps_per_epoch = sampler.batches_per_epoch
     fingerprint = scan.fingerprint()
+    sampler = ShardedEpochSampler(len(scan.files), per_rank, ctx.rank, ctx.world_size, config.seed)
+    data = training_input(config, scan, fingerprint, sampler, device, prepared_dir)
+    if data.prepared_refused:
+        message = f"training decodes the images: {data.prepared_refused}"
+        emit("warning", code="prepared_not_used", message=message)
+    steps_per_epoch = sampler.batches_per_epoch
     emit(
         "dataset",
         num_images=len(scan.files),
@@ -226,6 +235,7 @@ def _train(
         steps_per_epoch=steps_per_epoch,
         world_size=ctx.world_size,
         device=str(device),
+        data_path=data.data_path,
     )
     if config.checkpoint_at_start and run.step == 0:
         checkpoint()
@@ -248,7 +258,7 @@ def _train(
             run.queue = run.new_queue()
         sampler.set_epoch(run.epoch, start_batch=run.batch_in_epoch)
         rolled_back = False
-        for crops, _ in loader:
+        for crops, _ in data.loader:
             lr = run.learning_rate()
             for group in run.optimizer.param_groups:
                 group["lr"] = lr

@@ -40,6 +40,13 @@ class Settings(BaseSettings):
         "prepared copy (decoded uint8, swav_core/prepared.py); at least the largest crop "
         "(224 in every preset); smaller images are kept as they are, never upscaled.",
     )
+    train_from_prepared: bool = Field(
+        False,
+        description="Train from the dataset's prepared copy, its crops made in batches "
+        "(swav_core/prepared_loader.py; on the GPU when the job has one), instead of "
+        "decoding the images with PIL; only when the copy is complete. Off until the "
+        "quality of that path is measured.",
+    )
 
     train_queue: str = Field(
         "train", description="Broker queue of training jobs (with N GPUs per node: .gpusN)."

@@ -32,10 +32,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from swav_core.prepared import is_prepared
 from swav_service.db import session_scope
 from swav_service.dispatch import enqueue_job
 from swav_service.job_state import append_event, change_status
-from swav_service.layout import dataset_images_dir, job_run_dir
+from swav_service.layout import dataset_images_dir, dataset_prepared_dir, job_run_dir
 from swav_service.models import Checkpoint, Job, utcnow
 from swav_service.settings import Settings
 from swav_service.storage import artifact_store
@@ -98,6 +99,12 @@ def prepare_run_folder(
         store.restore(run_dir / "checkpoints", exact=True, recorded=recorded)
         if not data_dir.is_dir():
             store.restore(data_dir)
+    prepared_dir = dataset_prepared_dir(settings, job.dataset_id)
+    if settings.train_from_prepared:
+        if store.remote and not is_prepared(prepared_dir):
+            store.restore(prepared_dir)  # the manifest is uploaded last: never half a copy
+        if is_prepared(prepared_dir):  # else the child decodes the images with PIL
+            spec["prepared_dir"] = str(prepared_dir)
     spec["launched_at"] = time.time()  # a budget (config.budget_s) counts from the launch
     return spec
 

@@ -1,10 +1,11 @@
 """The training process a worker starts for one job: `python -m worker.train_child RUN_DIR`.
 
 A separate process (own session, so the worker can kill the whole group) keeps CUDA out
-of the worker and lets a stuck run be killed. It reads RUN_DIR/job.json (config and
-data folder), trains with swav_core, and writes RUN_DIR/outcome.json: {"status":
-"completed"|"stopped"} or {"status": "failed", "error": {"code", "message"}}. Events go
-to RUN_DIR/events.jsonl, which the worker relays into the database.
+of the worker and lets a stuck run be killed. It reads RUN_DIR/job.json (config, data
+folder and, when training from it, the prepared copy), trains with swav_core, and writes
+RUN_DIR/outcome.json: {"status": "completed"|"stopped"} or {"status": "failed", "error":
+{"code", "message"}}. Events go to RUN_DIR/events.jsonl, which the worker relays into the
+database.
 
 Under torch's launcher (worker/launch.py: several ranks, or several nodes) every rank runs
 this module; job.json may then name the training folder (`run_dir`, shared by the nodes)
@@ -70,7 +71,12 @@ def main(control_dir: Path) -> int:
     stop = StopFile(control_dir / "STOP")
     try:
         status = train(
-            config, data_dir, run_dir, should_stop=stop, started_at=spec.get("launched_at")
+            config,
+            data_dir,
+            run_dir,
+            should_stop=stop,
+            started_at=spec.get("launched_at"),
+            prepared_dir=Path(spec["prepared_dir"]) if "prepared_dir" in spec else None,
         ).status
         outcome: dict[str, object] = {"status": status}
     except Exception as error:  # every failure is recorded for the worker, with its reason
