@@ -267,7 +267,8 @@ def test_a_deleted_datasets_images_leave_the_store_in_the_background(
     with service.client() as client_:
         deleted, kept = (upload_ready_dataset(client_, service, shapes_dir) for _ in range(2))
         prefixes = [f"artifacts/datasets/{d['id']}/" for d in (deleted, kept)]
-        assert [len(keys(s3_endpoint, p)) for p in prefixes] == [128, 128]
+        assert [len(keys(s3_endpoint, p + "images/")) for p in prefixes] == [128, 128]
+        assert all(keys(s3_endpoint, p + "prepared/") for p in prefixes)  # the training copy
         os.killpg(ingester.pid, signal.SIGTERM)
         ingester.wait(timeout=60)
 
@@ -280,12 +281,13 @@ def test_a_deleted_datasets_images_leave_the_store_in_the_background(
         wait_for(lambda: "stay in the store until the next pass" in service.logs(), 120,
                  "a failed purge pass", service)
         assert blind.poll() is None  # the pass failed; the worker goes on
-        assert len(keys(s3_endpoint, prefixes[0])) == 128
+        assert len(keys(s3_endpoint, prefixes[0] + "images/")) == 128
         os.killpg(blind.pid, signal.SIGTERM)
         blind.wait(timeout=60)
 
         service.env = reachable
         service.start_worker("short", name="sighted@test")
         wait_for(lambda: not keys(s3_endpoint, prefixes[0]), 60, "the purge", service)
-        assert len(keys(s3_endpoint, prefixes[1])) == 128
+        assert len(keys(s3_endpoint, prefixes[1] + "images/")) == 128
+        assert keys(s3_endpoint, prefixes[1] + "prepared/")
         assert client_.get(f"/v1/datasets/{kept['id']}").json()["status"] == "ready"
