@@ -7,12 +7,16 @@ an index of (shard, offset, height, width) per image, and a manifest written las
 
     <folder>/shard-00000.bin ...   C-contiguous CHW pixels, image after image
     <folder>/index.npy             (N, 4) int64: shard number, byte offset, H, W
+    <folder>/scan.json             the scan it was made from: names, sizes, labels, skips
     <folder>/manifest.json         format, image count, cap, the scan's fingerprint, shard sizes
 
 Image i is `scan_image_folder(root).files[i]`, so indices, labels and the sampler's keys
-line up with the images folder. A folder is complete only when its manifest exists and the
-files it names have the sizes it records: a crash mid-write (no manifest, the old one is
-removed first) or a truncated shard is refused, never read as a smaller dataset.
+line up with the images folder; with the scan recorded beside the pixels, a machine that
+has only the prepared copy trains from it without the images. A folder is complete only
+when its manifest exists and the files it names have the sizes it records: a crash
+mid-write (no manifest, the old one is removed first) or a truncated shard is refused,
+never read as a smaller dataset. A reader given a `fetch` (a remote worker streaming the
+copy from the artifact store) may start with shards missing and fetches each on first use.
 Torch-free, like `swav_core.images`, whose `load_rgb` is the one decoding rule used here.
 """
 
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -32,12 +36,14 @@ from PIL import Image
 
 from swav_core.atomic import atomic_write_bytes, atomic_writer, fsync_dir
 from swav_core.errors import DataError
-from swav_core.image_folder import ImageFolderScan
+from swav_core.image_folder import ImageFolderScan, SkippedFile
 from swav_core.images import load_rgb
 
-FORMAT = "swav-prepared/1"
+FORMAT = "swav-prepared/2"  # /1 had no scan.json: such a copy is prepared again
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.npy"
+SCAN_FILE = "scan.json"
+METADATA_FILES = (MANIFEST_FILE, INDEX_FILE, SCAN_FILE)  # what a reader needs before pixels
 # The largest crop of any preset is 224 px (the paper's global crops; recipe.GPU_MAX_CROP),
 # and 256 is the customary short side that 224 crops are taken from (ImageNet's
 # Resize(256) + CenterCrop(224)). About 0.26 MB per 4:3 image.
@@ -46,6 +52,9 @@ DEFAULT_MAX_SHORT_SIDE = 256
 SHARD_BYTES = 256 << 20
 DECODE_THREADS = 4  # PIL decodes and resizes without the GIL
 DECODE_CHUNK = 64  # images in flight at once: bounds the memory of a parallel decode
+
+
+ShardFetch = Callable[[Path], bool]  # brings a missing shard file here; False: none exists
 
 
 class PreparedIncomplete(DataError):
@@ -128,6 +137,7 @@ def write_prepared(
         out_dir,
         fingerprint=scan.fingerprint(),
         max_short_side=max_short_side,
+        scan=scan,
     )
 
 
@@ -138,8 +148,12 @@ def write_prepared_arrays(
     fingerprint: str,
     max_short_side: int = 0,
     shard_bytes: int = SHARD_BYTES,
+    scan: ImageFolderScan | None = None,
 ) -> PreparedManifest:
-    """Write (3, H, W) uint8 arrays as a prepared folder, the manifest last (see module doc)."""
+    """Write (3, H, W) uint8 arrays as a prepared folder, the manifest last (see module doc).
+
+    Without `scan` (arrays of no folder) the record names the images by their number.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # incomplete from here on
@@ -164,13 +178,64 @@ def write_prepared_arrays(
             sizes[-1] += image.nbytes
     with atomic_writer(out_dir / INDEX_FILE) as index_file:
         np.save(index_file, np.array(rows, dtype=np.int64).reshape(len(rows), 4))
+    if scan is None:
+        names = tuple(f"{i:08d}" for i in range(len(rows)))
+        scan = ImageFolderScan(out_dir, names, None, None, (), tuple(0 for _ in names))
+    if len(scan.files) != len(rows):
+        raise ValueError(f"the scan names {len(scan.files)} images, {len(rows)} were written")
+    atomic_write_bytes(out_dir / SCAN_FILE, scan_record(scan))
     manifest = PreparedManifest(len(rows), max_short_side, fingerprint, tuple(sizes))
     atomic_write_bytes(out_dir / MANIFEST_FILE, manifest.as_json())
     return manifest
 
 
-def read_manifest(folder: Path) -> PreparedManifest:
-    """The manifest of a complete prepared folder; PreparedIncomplete when it is not one."""
+def scan_record(scan: ImageFolderScan) -> bytes:
+    """What training needs of a scan, as JSON: no pixels, no server path."""
+    return json.dumps(
+        {
+            "files": scan.files,
+            "sizes": scan.sizes,
+            "labels": scan.labels,
+            "classes": scan.classes,
+            "skipped": [[skip.path, skip.reason] for skip in scan.skipped],
+        }
+    ).encode()
+
+
+def scan_from_record(record: bytes, root: Path) -> ImageFolderScan:
+    """The scan a prepared folder was made from, rooted at `root` (its images are not read)."""
+    raw = json.loads(record)
+
+    def maybe(values: Sequence[Any] | None) -> tuple[Any, ...] | None:
+        return None if values is None else tuple(values)
+
+    return ImageFolderScan(
+        root=root,
+        files=tuple(str(name) for name in raw["files"]),
+        labels=maybe(raw["labels"]),
+        classes=maybe(raw["classes"]),
+        skipped=tuple(SkippedFile(str(path), str(reason)) for path, reason in raw["skipped"]),
+        sizes=tuple(int(size) for size in raw["sizes"]),
+    )
+
+
+def refusal_for_crops(manifest: PreparedManifest, size_crops: Sequence[int]) -> str | None:
+    """Why a copy capped at `manifest.max_short_side` cannot serve crops of `size_crops`
+    (a smaller cap would crop from fewer pixels than the PIL path does), or None."""
+    largest = max(size_crops)
+    if manifest.max_short_side < largest:
+        return (
+            f"the prepared copy caps images at {manifest.max_short_side} px, below the "
+            f"largest crop of {largest} px"
+        )
+    return None
+
+
+def read_manifest(folder: Path, shards_may_be_missing: bool = False) -> PreparedManifest:
+    """The manifest of a complete prepared folder; PreparedIncomplete when it is not one.
+
+    With `shards_may_be_missing` (a reader that fetches them) only the shards present
+    here are checked."""
     folder = Path(folder)
     try:
         raw: dict[str, Any] = json.loads((folder / MANIFEST_FILE).read_bytes())
@@ -187,9 +252,14 @@ def read_manifest(folder: Path) -> PreparedManifest:
         raise PreparedIncomplete(f"{folder.name}/{MANIFEST_FILE} is unreadable ({exc})") from exc
     if manifest.format != FORMAT:
         raise PreparedIncomplete(f"{folder.name} is {manifest.format!r}, not {FORMAT!r}")
+    for name in (INDEX_FILE, SCAN_FILE):
+        if not (folder / name).is_file():
+            raise PreparedIncomplete(f"{folder.name} has a manifest but no {name}")
     for number, expected in enumerate(manifest.shard_bytes):
         path = folder / shard_name(number)
         actual = path.stat().st_size if path.is_file() else None
+        if actual is None and shards_may_be_missing:
+            continue
         if actual != expected:
             raise PreparedIncomplete(
                 f"{folder.name}/{path.name} holds {actual} bytes, the manifest says {expected}"
@@ -211,11 +281,13 @@ class PreparedImages:
 
     Checks the folder is complete on opening. Shards are mapped on first use, in each
     process: a pickled reader (a DataLoader worker's copy) carries the path, not the pages.
+    With `fetch`, a shard missing here is fetched on first use (then checked like the rest).
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, fetch: ShardFetch | None = None) -> None:
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
+        self.fetch = fetch
+        self.manifest = read_manifest(self.folder, shards_may_be_missing=fetch is not None)
         try:
             self.index = np.load(self.folder / INDEX_FILE)
         except (OSError, ValueError) as exc:
@@ -232,6 +304,13 @@ class PreparedImages:
     def __len__(self) -> int:
         return self.manifest.num_images
 
+    def scan(self) -> ImageFolderScan:
+        """The scan of the images this copy was made from (its root is this folder)."""
+        try:
+            return scan_from_record((self.folder / SCAN_FILE).read_bytes(), self.folder)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise PreparedIncomplete(f"{self.folder.name}/{SCAN_FILE} is unreadable") from exc
+
     def shape(self, i: int) -> tuple[int, int, int]:
         _, _, height, width = self.index[i]
         return 3, int(height), int(width)
@@ -245,9 +324,16 @@ class PreparedImages:
 
     def _shard(self, number: int) -> np.memmap[Any, np.dtype[np.uint8]]:
         if number not in self._shards:
-            self._shards[number] = np.memmap(
-                self.folder / shard_name(number), dtype=np.uint8, mode="r"
-            )
+            path = self.folder / shard_name(number)
+            if self.fetch is not None and not path.is_file() and not self.fetch(path):
+                raise PreparedIncomplete(f"{self.folder.name}/{path.name} is not in the store")
+            size = path.stat().st_size
+            if size != self.manifest.shard_bytes[number]:
+                raise PreparedIncomplete(
+                    f"{self.folder.name}/{path.name} holds {size} bytes, "
+                    f"the manifest says {self.manifest.shard_bytes[number]}"
+                )
+            self._shards[number] = np.memmap(path, dtype=np.uint8, mode="r")
         return self._shards[number]
 
     def __getstate__(self) -> dict[str, Any]:

@@ -26,9 +26,15 @@ from torch.utils.data import DataLoader, Dataset
 from swav_core.batch_multicrop import BatchMultiCrop
 from swav_core.config import TrainConfig
 from swav_core.data import MultiCropDataset, SampleKey, ShardedEpochSampler, make_loader, mix_seed
-from swav_core.image_folder import ImageFolderScan
+from swav_core.errors import DataError
+from swav_core.image_folder import ImageFolderScan, scan_image_folder
 from swav_core.multicrop import MultiCropTransform
-from swav_core.prepared import PreparedImages, PreparedIncomplete
+from swav_core.prepared import (
+    PreparedImages,
+    PreparedIncomplete,
+    ShardFetch,
+    refusal_for_crops,
+)
 
 PreparedSample = tuple[torch.Tensor, int, int]  # (3, H, W) uint8, seed, index
 CropBatch = tuple[list[torch.Tensor], torch.Tensor]  # crop batches, indices: make_loader's
@@ -139,65 +145,78 @@ class PreparedLoader:
                 yield batch
 
 
-def open_prepared(
-    prepared_dir: Path, config: TrainConfig, fingerprint: str, num_images: int
-) -> tuple[PreparedImages | None, str]:
-    """The prepared copy to train from, or None and why it cannot serve this run.
+@dataclass(frozen=True)
+class TrainingImages:
+    """The scan a run trains on, the prepared copy that serves it (if one does) and, when
+    a copy was given but cannot serve, why not."""
 
-    It must be complete, of the same scan as the images folder (same fingerprint and
-    count, so that index i is the same image), and keep every image's shorter side up to
-    at least the largest crop (a smaller cap would crop from smaller pixels than PIL does).
+    scan: ImageFolderScan
+    prepared: PreparedImages | None
+    refused: str | None
+
+
+def training_images(
+    config: TrainConfig,
+    data_dir: Path,
+    prepared_dir: Path | None = None,
+    fetch: ShardFetch | None = None,
+) -> TrainingImages:
+    """What a run reads: the images folder, its prepared copy, or the copy alone.
+
+    A copy serves when it is complete (shards that `fetch` brings may be missing) and keeps
+    every image's shorter side up to at least the largest crop (a smaller cap would crop
+    from fewer pixels than PIL does). With the images folder here, it is scanned and the
+    copy must be of the same scan (same fingerprint: index i is the same image). Without
+    it (a worker streaming the copy from the artifact store), the copy's recorded scan is
+    used; a copy that cannot serve is then a DataError naming why.
     """
-    try:
-        images = PreparedImages(prepared_dir)
-    except PreparedIncomplete as exc:
-        return None, f"the prepared copy is incomplete ({exc})"
-    manifest = images.manifest
-    if manifest.fingerprint != fingerprint or manifest.num_images != num_images:
-        return None, "the prepared copy is of other images than the dataset's folder"
-    largest = max(config.size_crops)
-    if manifest.max_short_side < largest:
-        return None, (
-            f"the prepared copy caps images at {manifest.max_short_side} px, below the "
-            f"largest crop of {largest} px"
-        )
-    return images, "prepared"
+    images, refused = None, None
+    if prepared_dir is not None:
+        try:
+            images = PreparedImages(prepared_dir, fetch)
+            refused = refusal_for_crops(images.manifest, config.size_crops)
+        except PreparedIncomplete as exc:
+            refused = f"the prepared copy is incomplete ({exc})"
+        if refused is not None:
+            images = None
+    if not Path(data_dir).is_dir():
+        if images is not None:
+            return TrainingImages(images.scan(), images, None)
+        if refused is not None:
+            raise DataError(f"the dataset's images are not here and {refused}")
+    scan = scan_image_folder(data_dir)
+    if images is not None and images.manifest.fingerprint != scan.fingerprint():
+        images, refused = None, "the prepared copy is of other images than the dataset's folder"
+    return TrainingImages(scan, images, refused)
 
 
 @dataclass(frozen=True)
 class TrainingInput:
-    """The batches a run iterates, which path makes them, and why not the prepared one."""
+    """The batches a run iterates and which path makes them."""
 
     loader: Iterable[CropBatch]
     data_path: Literal["pil", "prepared"]
-    prepared_refused: str | None  # set when a prepared copy was given but cannot serve
 
 
 def training_input(
     config: TrainConfig,
-    scan: ImageFolderScan,
-    fingerprint: str,
+    source: TrainingImages,
     sampler: ShardedEpochSampler,
     device: torch.device,
-    prepared_dir: Path | None,
 ) -> TrainingInput:
-    """The prepared path when `prepared_dir` can serve the run (open_prepared), else PIL."""
+    """Batches from the prepared copy when one serves the run, else decoded with PIL."""
     per_rank = sampler.batch_size_per_rank
-    refused = None
-    if prepared_dir is not None:
-        images, reason = open_prepared(prepared_dir, config, fingerprint, len(scan.files))
-        if images is not None:
-            loader = PreparedLoader(
-                PreparedDataset(images, config.seed),
-                sampler,
-                BatchMultiCrop.from_config(config),
-                per_rank,
-                config.num_workers,
-                device,
-            )
-            return TrainingInput(loader, "prepared", None)
-        refused = reason
-    dataset = MultiCropDataset(scan, MultiCropTransform.from_config(config), config.seed)
+    if source.prepared is not None:
+        loader = PreparedLoader(
+            PreparedDataset(source.prepared, config.seed),
+            sampler,
+            BatchMultiCrop.from_config(config),
+            per_rank,
+            config.num_workers,
+            device,
+        )
+        return TrainingInput(loader, "prepared")
+    dataset = MultiCropDataset(source.scan, MultiCropTransform.from_config(config), config.seed)
     return TrainingInput(
-        make_loader(dataset, sampler, per_rank, config.num_workers, device), "pil", refused
+        make_loader(dataset, sampler, per_rank, config.num_workers, device), "pil"
     )

@@ -47,9 +47,9 @@ from swav_core.distributed import (
 )
 from swav_core.errors import CollapsedError, ConfigError, NonFiniteLossError
 from swav_core.events import EventCallback, EventSink
-from swav_core.image_folder import scan_image_folder
 from swav_core.model import SwAVModel
-from swav_core.prepared_loader import training_input
+from swav_core.prepared import ShardFetch
+from swav_core.prepared_loader import training_images, training_input
 from swav_core.step import swav_step
 from swav_core.sync_batchnorm import convert_batchnorm
 from swav_core.training_state import (
@@ -98,12 +98,14 @@ def train(
     device: torch.device | None = None,
     started_at: float | None = None,
     prepared_dir: Path | None = None,
+    fetch_shard: ShardFetch | None = None,
 ) -> TrainResult:
     """Pretrain SwAV on the images under `data_dir`, checkpointing into `run_dir`.
 
     With `prepared_dir` (the images' prepared copy) samples come from it, cropped in
     batches, when it can serve the run (swav_core/prepared_loader.py); otherwise from the
-    images, with a "warning" event saying why.
+    images, with a "warning" event saying why. When `data_dir` is absent the copy alone
+    is read, its missing shards brought by `fetch_shard` (a worker streaming them).
 
     Resumes from the newest valid checkpoint in run_dir when `resume`. `should_stop` is
     polled after every step; when it returns True on any rank the run checkpoints and
@@ -118,6 +120,7 @@ def train(
         return _train(
             config, Path(data_dir), Path(run_dir), callbacks, should_stop, resume, ctx, since,
             prepared_dir=None if prepared_dir is None else Path(prepared_dir),
+            fetch_shard=fetch_shard,
         )
 
 
@@ -131,6 +134,7 @@ def _train(
     ctx: DistContext,
     spent_s: float = 0.0,
     prepared_dir: Path | None = None,
+    fetch_shard: ShardFetch | None = None,
 ) -> TrainResult:
     # --- set-up
     started_at = time.monotonic() - spent_s  # a budget counts from here, set-up included
@@ -147,12 +151,13 @@ def _train(
         torch.use_deterministic_algorithms(True)
 
     # --- data
-    scan = scan_image_folder(data_dir)
+    source = training_images(config, data_dir, prepared_dir, fetch_shard)
+    scan = source.scan
     fingerprint = scan.fingerprint()
     sampler = ShardedEpochSampler(len(scan.files), per_rank, ctx.rank, ctx.world_size, config.seed)
-    data = training_input(config, scan, fingerprint, sampler, device, prepared_dir)
-    if data.prepared_refused:
-        message = f"training decodes the images: {data.prepared_refused}"
+    data = training_input(config, source, sampler, device)
+    if source.refused:
+        message = f"training decodes the images: {source.refused}"
         emit("warning", code="prepared_not_used", message=message)
     steps_per_epoch = sampler.batches_per_epoch
     emit(

@@ -32,12 +32,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from swav_core.prepared import is_prepared
+from swav_core.config import TrainConfig
 from swav_service.db import session_scope
 from swav_service.dispatch import enqueue_job
 from swav_service.job_state import append_event, change_status
-from swav_service.layout import dataset_images_dir, dataset_prepared_dir, job_run_dir
-from swav_service.models import Checkpoint, Job, utcnow
+from swav_service.layout import dataset_images_dir, job_run_dir
+from swav_service.models import Checkpoint, Dataset, Job, utcnow
+from swav_service.prepared_copy import streamable_copy
 from swav_service.settings import Settings
 from swav_service.storage import artifact_store
 from worker.child import SHUTDOWN, STORAGE_STOP, Supervision, start_child, supervise
@@ -94,19 +95,28 @@ def prepare_run_folder(
     if control_dir != run_dir:
         spec["run_dir"] = str(run_dir)
     store = artifact_store(settings)
+    prepared = None
+    if settings.train_from_prepared:  # else, or when it cannot serve, the child decodes
+        prepared = streamable_copy(
+            settings, job.dataset_id, dataset_fingerprint(job.dataset_id),
+            TrainConfig.model_validate(job.config).size_crops,
+        )
+    if prepared is not None:
+        spec["prepared_dir"] = str(prepared)
+        spec["stream_prepared"] = store.remote
     if store.remote:  # a run that began on another machine resumes from its checkpoints
         recorded = recorded_checkpoints(job.id, settings)
         store.restore(run_dir / "checkpoints", exact=True, recorded=recorded)
-        if not data_dir.is_dir():
+        if prepared is None and not data_dir.is_dir():
             store.restore(data_dir)
-    prepared_dir = dataset_prepared_dir(settings, job.dataset_id)
-    if settings.train_from_prepared:
-        if store.remote and not is_prepared(prepared_dir):
-            store.restore(prepared_dir)  # the manifest is uploaded last: never half a copy
-        if is_prepared(prepared_dir):  # else the child decodes the images with PIL
-            spec["prepared_dir"] = str(prepared_dir)
     spec["launched_at"] = time.time()  # a budget (config.budget_s) counts from the launch
     return spec
+
+
+def dataset_fingerprint(dataset_id: str) -> str | None:
+    with session_scope() as session:
+        dataset = session.get(Dataset, dataset_id)
+        return None if dataset is None else dataset.fingerprint
 
 
 def recorded_checkpoints(job_id: str, settings: Settings) -> list[Path]:

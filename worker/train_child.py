@@ -36,6 +36,7 @@ from swav_core.config import TrainConfig
 from swav_core.errors import SwavError
 from swav_core.spawn import StopFile
 from swav_core.trainer import train
+from swav_service.prepared_copy import fetch_shard
 from worker.fence import watch_heartbeat
 
 # How gloo and NCCL report a peer rank that went away (its process or machine died): the
@@ -77,6 +78,7 @@ def main(control_dir: Path) -> int:
             should_stop=stop,
             started_at=spec.get("launched_at"),
             prepared_dir=Path(spec["prepared_dir"]) if "prepared_dir" in spec else None,
+            fetch_shard=fetch_shard if spec.get("stream_prepared") else None,
         ).status
         outcome: dict[str, object] = {"status": status}
     except Exception as error:  # every failure is recorded for the worker, with its reason

@@ -5,6 +5,7 @@ finished (no manifest, a short shard or index) is refused rather than read as co
 from __future__ import annotations
 
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from swav_core.images import load_rgb
 from swav_core.prepared import (
     INDEX_FILE,
     MANIFEST_FILE,
+    METADATA_FILES,
+    SCAN_FILE,
     PreparedImages,
     PreparedIncomplete,
     capped_size,
@@ -140,3 +143,52 @@ def test_a_partial_folder_is_not_complete(folder: Path, tmp_path: Path) -> None:
     (out / MANIFEST_FILE).write_text("{")
     with pytest.raises(PreparedIncomplete, match="unreadable"):
         read_manifest(out)
+
+
+def test_the_scan_is_recorded_beside_the_pixels(folder: Path, tmp_path: Path) -> None:
+    (folder / "b" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    scan = scan_image_folder(folder)
+    assert scan.skipped and scan.classes == ("a", "b")
+    write_prepared(scan, tmp_path / "prepared", max_short_side=CAP)
+    recorded = PreparedImages(tmp_path / "prepared").scan()
+    assert recorded.files == scan.files and recorded.sizes == scan.sizes
+    assert recorded.labels == scan.labels and recorded.classes == scan.classes
+    assert recorded.skipped == scan.skipped
+    assert recorded.fingerprint() == scan.fingerprint()
+    assert str(folder) not in (tmp_path / "prepared" / SCAN_FILE).read_text()
+
+    (tmp_path / "prepared" / SCAN_FILE).unlink()  # a folder without it is not complete
+    assert not is_prepared(tmp_path / "prepared")
+
+
+def test_a_reader_with_a_fetch_brings_each_missing_shard_on_first_use(tmp_path: Path) -> None:
+    arrays = [np.full((3, 10, 10 + i), i, np.uint8) for i in range(5)]
+    store = tmp_path / "store"
+    manifest = write_prepared_arrays(arrays, store, fingerprint="f", shard_bytes=700)
+    here = tmp_path / "here"
+    here.mkdir()
+    for name in METADATA_FILES:
+        shutil.copy(store / name, here / name)
+    fetched: list[str] = []
+
+    def fetch(path: Path) -> bool:
+        fetched.append(path.name)
+        if not (store / path.name).is_file():
+            return False
+        shutil.copy(store / path.name, path)
+        return True
+
+    with pytest.raises(PreparedIncomplete, match="the manifest says"):
+        PreparedImages(here)  # without a fetch, missing shards make it incomplete
+    images = PreparedImages(here, fetch)
+    assert np.array_equal(images[4], arrays[4]) and np.array_equal(images[3], arrays[3])
+    assert np.array_equal(images[0], arrays[0])
+    assert fetched == [shard_name(3), shard_name(2), shard_name(0)]  # once each, when read
+    assert len(manifest.shard_bytes) == 4 and not (here / shard_name(1)).exists()
+
+    (store / shard_name(1)).unlink()
+    with pytest.raises(PreparedIncomplete, match="not in the store"):
+        images[2]
+    (here / shard_name(2)).write_bytes(b"short")  # a torn file is never mapped
+    with pytest.raises(PreparedIncomplete, match="the manifest says"):
+        PreparedImages(here, fetch)

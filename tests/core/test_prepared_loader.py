@@ -4,6 +4,8 @@ the PIL path whenever the copy cannot serve the run."""
 from __future__ import annotations
 
 import math
+import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,16 @@ from swav_core.batch_multicrop import BatchMultiCrop
 from swav_core.checkpoint import load_checkpoint
 from swav_core.data import ShardedEpochSampler, mix_seed
 from swav_core.image_folder import scan_image_folder
-from swav_core.prepared import MANIFEST_FILE, PreparedImages, write_prepared
+from swav_core.errors import DataError
+from swav_core.prepared import (
+    MANIFEST_FILE,
+    METADATA_FILES,
+    PreparedImages,
+    read_manifest,
+    shard_name,
+    write_prepared,
+    write_prepared_arrays,
+)
 from swav_core.prepared_loader import PreparedDataset, PreparedLoader
 from swav_core.trainer import train
 from tests.core.test_trainer import Recorder, _state_equal, tiny
@@ -115,3 +126,58 @@ def test_an_incomplete_copy_falls_back_to_pil(shapes_dir: Path, tmp_path: Path) 
     warning = _fallback(shapes_dir, half, tmp_path / "run")
     assert "incomplete" in str(warning["message"])
     assert str(half.parent) not in str(warning["message"])  # no server path in messages
+
+
+def copy_from_store(store: Path, path: Path) -> bool:
+    """A ShardFetch over a local folder standing for the artifact store; it logs each fetch
+    in the store folder, so fetches made in loader worker processes are counted too."""
+    if not (store / path.name).is_file():
+        return False
+    with (store / "fetched.log").open("a") as log:
+        log.write(path.name + "\n")
+    shutil.copy(store / path.name, path)
+    return True
+
+
+def test_without_the_images_the_copy_alone_trains_fetching_each_shard_once(
+    shapes_dir: Path, prepared_shapes: Path, tmp_path: Path
+) -> None:
+    config = tiny(epochs=2, deterministic=True, num_workers=2)
+    whole = train(config, shapes_dir, tmp_path / "whole", prepared_dir=prepared_shapes)
+
+    full = PreparedImages(prepared_shapes)
+    store = tmp_path / "store"  # the same copy in shards of about 40 images
+    write_prepared_arrays(
+        (full[i] for i in range(len(full))), store, fingerprint=full.manifest.fingerprint,
+        max_short_side=full.manifest.max_short_side, shard_bytes=40 * 3 * 32 * 32,
+        scan=full.scan(),
+    )
+    shards = len(read_manifest(store).shard_bytes)
+    assert shards >= 3
+    here = tmp_path / "here"
+    here.mkdir()
+    for name in METADATA_FILES:
+        shutil.copy(store / name, here / name)
+
+    events = Recorder()
+    alone = train(
+        config, tmp_path / "no-images", tmp_path / "alone", callbacks=[events],
+        prepared_dir=here, fetch_shard=partial(copy_from_store, store),
+    )
+    assert (alone.status, alone.step, alone.loss) == ("completed", whole.step, whole.loss)
+    assert events.of("started")[0]["data_path"] == "prepared"
+    assert events.of("dataset")[0]["fingerprint"] == full.manifest.fingerprint
+    fetched = (store / "fetched.log").read_text().split()
+    assert sorted(fetched) == [shard_name(k) for k in range(shards)]  # each once, all used
+    a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "final.pt")
+    b = load_checkpoint(tmp_path / "alone" / "checkpoints" / "final.pt")
+    assert _state_equal(a["model"], b["model"])
+
+
+def test_without_the_images_a_copy_that_cannot_serve_is_a_data_error(
+    shapes_dir: Path, tmp_path: Path
+) -> None:
+    small = tmp_path / "capped"
+    write_prepared(scan_image_folder(shapes_dir), small, max_short_side=16)
+    with pytest.raises(DataError, match="16 px, below the largest crop of 32 px"):
+        train(tiny(epochs=1), tmp_path / "no-images", tmp_path / "run", prepared_dir=small)
