@@ -14,8 +14,8 @@ import torch
 from swav_core.batch_multicrop import BatchMultiCrop
 from swav_core.checkpoint import load_checkpoint
 from swav_core.data import ShardedEpochSampler, mix_seed
-from swav_core.image_folder import scan_image_folder
 from swav_core.errors import DataError
+from swav_core.image_folder import scan_image_folder
 from swav_core.prepared import (
     MANIFEST_FILE,
     METADATA_FILES,
