@@ -75,21 +75,13 @@ def prepare_dataset(settings: Settings, dataset_id: str, scan: ImageFolderScan) 
 
 def _count(settings: Settings, dataset_id: str, total: int) -> str | None:
     """Record `total` (images + prepared copy) as the dataset's stored bytes, unless that
-    takes its tenant past the limit or the dataset is gone: then why not. Under the
-    tenant's lock, as worker/tasks.py counts the images."""
+    takes its tenant past the limit or the dataset is gone: then why not."""
     with session_scope() as session:
         dataset = session.get(Dataset, dataset_id)
         if dataset is None:
             return "the dataset was deleted"
-        quota.lock_tenant(session, dataset.tenant)
-        limit = settings.tenant_max_stored_bytes
-        used = quota.stored_bytes(session, dataset.tenant).total - dataset.images_bytes
-        if limit and used + total > limit:
-            return quota.storage_message(
-                used, limit, f"the dataset's images and prepared copy ({quota.human_bytes(total)})"
-            )
-        dataset.images_bytes = total
-    return None
+        what = f"the dataset's images and prepared copy ({quota.human_bytes(total)})"
+        return quota.record_dataset_bytes(session, settings, dataset, total, what)
 
 
 def prepare_ready_dataset(settings: Settings, dataset_id: str) -> Outcome:

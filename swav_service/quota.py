@@ -106,6 +106,21 @@ def lock_tenant(session: Session, tenant: str) -> None:
         session.execute(delete(StorageReservation).where(StorageReservation.expires_at < utcnow()))
 
 
+def record_dataset_bytes(
+    session: Session, settings: Settings, dataset: Dataset, nbytes: int, what: str
+) -> str | None:
+    """Count `nbytes` as the dataset's stored images (with its prepared copy, once made),
+    unless that takes its tenant past the limit: then why not, naming `what`. Under the
+    tenant's lock, so two datasets counted at once cannot both take the last bytes."""
+    lock_tenant(session, dataset.tenant)
+    limit = settings.tenant_max_stored_bytes
+    used = stored_bytes(session, dataset.tenant).total - dataset.images_bytes
+    if limit and used + nbytes > limit:
+        return storage_message(used, limit, what)
+    dataset.images_bytes = nbytes
+    return None
+
+
 def stored_bytes(
     session: Session, tenant: str, *, except_reservation: str | None = None
 ) -> StoredBytes:

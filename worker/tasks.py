@@ -96,21 +96,13 @@ def _fail_dataset(
 
 def _count_images(dataset_id: str, settings: Settings, nbytes: int) -> str | None:
     """Record the dataset's extracted images as stored bytes, unless they take its tenant
-    past the limit: then why not (the message for the dataset's error). Under the tenant's
-    lock, so two datasets ingested at once cannot both take the last bytes."""
+    past the limit: then why not (the message for the dataset's error)."""
     with session_scope() as session:
         dataset = session.get(Dataset, dataset_id)
         if dataset is None:
             return None
-        quota.lock_tenant(session, dataset.tenant)
-        limit = settings.tenant_max_stored_bytes
-        used = quota.stored_bytes(session, dataset.tenant).total - dataset.images_bytes
-        if limit and used + nbytes > limit:
-            return quota.storage_message(
-                used, limit, f"the dataset's {quota.human_bytes(nbytes)} of extracted images"
-            )
-        dataset.images_bytes = nbytes
-    return None
+        what = f"the dataset's {quota.human_bytes(nbytes)} of extracted images"
+        return quota.record_dataset_bytes(session, settings, dataset, nbytes, what)
 
 
 @app.task(name=INGEST_TASK)
