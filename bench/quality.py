@@ -16,8 +16,14 @@ Scores are weighted kNN top-1 (k=20, T=0.07) and linear-probe top-1 on an 80/20
 stratified split (swav_core.evaluate). Auto's checkpoints along the way give the curve of
 accuracy against minutes.
 
+`--data-path pil prepared` trains each recipe once per data path: `pil` decodes and crops
+each image with PIL (swav-train on a folder), `prepared` reads the dataset's prepared copy
+(swav_core/prepared.py, the default cap) and crops in batches (what the service does with
+SWAV_TRAIN_FROM_PREPARED). `--recipes auto` leaves out small-batch.
+
     .venv/bin/pip install -e ".[bench]"
     .venv/bin/python bench/quality.py [--data mnist elpv] [--minutes 10] [--json out.json]
+        [--data-path pil prepared] [--recipes auto small-batch]
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from swav_core.evaluate import evaluate_features  # noqa: E402
 from swav_core.exports import load_model  # noqa: E402
 from swav_core.image_folder import scan_image_folder
 from swav_core.images import load_rgb  # noqa: E402
+from swav_core.prepared import write_prepared  # noqa: E402
 from swav_core.presets import config_from
 from swav_core.recipe import AUTO, DatasetStats, resolve_config  # noqa: E402
 from swav_core.trainer import train  # noqa: E402
@@ -119,18 +126,29 @@ def model_scores(path: Path, images: list[Image.Image], labels: LabelSets) -> di
     return scores(features, labels)
 
 
-def run(config: TrainConfig, data: Path, run_dir: Path) -> tuple[list[dict[str, Any]], float]:
+def run(
+    config: TrainConfig, data: Path, run_dir: Path, prepared: Path | None
+) -> tuple[list[dict[str, Any]], float]:
     events: list[dict[str, Any]] = []
-    train(config, data, run_dir, callbacks=[events.append])
+    train(config, data, run_dir, callbacks=[events.append], prepared_dir=prepared)
+    expected = "pil" if prepared is None else "prepared"
+    assert next(e for e in events if e["type"] == "started")["data_path"] == expected
     started = next(e["time"] for e in events if e["type"] == "dataset")
     finished = next(e["time"] for e in events if e["type"] == "finished")
     return events, finished - started
 
 
-def bench_dataset(name: str, minutes: float, machine: Machine, work: Path) -> dict[str, Any]:
+def bench_dataset(
+    name: str, minutes: float, machine: Machine, work: Path, data_path: str, recipes: list[str]
+) -> dict[str, Any]:
     data, extra = DATASETS[name](work / name)
     labels = label_sets(data, extra)
     scan = scan_image_folder(data)
+    prepared = None
+    if data_path == "prepared":
+        prepared = work / f"{name}-prepared"
+        write_prepared(scan, prepared)
+    work = work / data_path
     images = [load_rgb(data / f) for f in scan.files]
     budget = 60 * minutes
     stats = DatasetStats.from_scan(scan)
@@ -139,7 +157,7 @@ def bench_dataset(name: str, minutes: float, machine: Machine, work: Path) -> di
     auto = auto.with_overrides(checkpoint_at_start=True, keep_last=1000)
     print(f"[{name}] auto: {auto.backbone}, crops {auto.size_crops}, K {auto.n_prototypes}",
           flush=True)
-    events, auto_s = run(auto, data, work / f"{name}-auto")
+    events, auto_s = run(auto, data, work / f"{name}-auto", prepared)
     checkpoints = sorted(
         (c for c in list_checkpoints(work / f"{name}-auto") if c.step is not None),
         key=lambda c: (c.step, c.final),
@@ -155,16 +173,10 @@ def bench_dataset(name: str, minutes: float, machine: Machine, work: Path) -> di
                       **model_scores(checkpoint.path, images, labels)})
         print(f"[{name}] auto step {checkpoint.step} ({minutes_in:.1f} min): {curve[-1]}",
               flush=True)
-    small = config_from(
-        "small-batch", budget_s=budget, backbone="resnet18", batch_size=64,
-        n_prototypes=auto.n_prototypes, size_crops=auto.size_crops, num_workers=auto.num_workers,
-        precision=auto.precision,
-    )
-    print(f"[{name}] small-batch for {minutes} min", flush=True)
-    _, small_s = run(small, data, work / f"{name}-small-batch")
     pixel_sizes = sorted({16, 32, auto.size_crops[0]})
-    return {
+    result = {
         "dataset": name,
+        "data_path": data_path,
         "num_images": len(scan.files),
         "label_sets": list(labels),
         "budget_s": budget,
@@ -174,21 +186,34 @@ def bench_dataset(name: str, minutes: float, machine: Machine, work: Path) -> di
         "auto": curve[-1],
         "random_init": curve[0],
         "curve": curve,
-        "small_batch": model_scores(
-            work / f"{name}-small-batch" / "checkpoints" / "final.pt", images, labels),
-        "small_batch_wall_s": round(small_s, 1),
         "raw_pixels": raw_pixel_scores(images, pixel_sizes, labels),
     }
+    if "small-batch" in recipes:
+        small = config_from(
+            "small-batch", budget_s=budget, backbone="resnet18", batch_size=64,
+            n_prototypes=auto.n_prototypes, size_crops=auto.size_crops,
+            num_workers=auto.num_workers, precision=auto.precision,
+        )
+        print(f"[{name}] small-batch for {minutes} min", flush=True)
+        _, small_s = run(small, data, work / f"{name}-small-batch", prepared)
+        result["small_batch"] = model_scores(
+            work / f"{name}-small-batch" / "checkpoints" / "final.pt", images, labels)
+        result["small_batch_wall_s"] = round(small_s, 1)
+    return result
 
 
 def table(result: dict[str, Any]) -> str:
     rows = [f"{result['dataset']} ({result['num_images']} images, "
-            f"{result['budget_s'] / 60:g} min budget)"]
+            f"{result['budget_s'] / 60:g} min budget, {result['data_path']} data path, "
+            f"auto's last step {result['auto']['step']})"]
+    methods = [("auto", result["auto"]), ("small-batch", result.get("small_batch")),
+               ("random init", result["random_init"]),
+               ("raw pixels", result["raw_pixels"]["best"])]
     for name in result["label_sets"]:
         rows.append(f"  {name:8s} {'':14s} kNN     linear")
-        for method, s in (("auto", result["auto"]), ("small-batch", result["small_batch"]),
-                          ("random init", result["random_init"]),
-                          ("raw pixels", result["raw_pixels"]["best"])):
+        for method, s in methods:
+            if s is None:
+                continue
             rows.append(f"  {'':8s} {method:14s} {s[name]['knn']:.3f}   {s[name]['linear']:.3f}")
     rows.append("  curve (auto): " + ", ".join(
         f"{p['minutes']:.1f} min {p['class']['knn']:.3f}/{p['class']['linear']:.3f}"
@@ -201,13 +226,20 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    parser.add_argument("--data-path", nargs="+", default=["pil"], choices=["pil", "prepared"])
+    parser.add_argument("--recipes", nargs="+", default=["auto", "small-batch"],
+                        choices=["auto", "small-batch"])
     args = parser.parse_args()
+    if "auto" not in args.recipes:
+        parser.error("--recipes must include auto (its step-0 weights are the random init)")
     machine = measure_machine()
     print(f"machine: {machine}", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.data:
-            results.append(bench_dataset(name, args.minutes, machine, Path(tmp)))
+            for data_path in args.data_path:
+                results.append(bench_dataset(
+                    name, args.minutes, machine, Path(tmp), data_path, args.recipes))
     for result in results:
         print(table(result))
     if args.json:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Self
 
 import torch
 from PIL import Image
@@ -80,8 +81,21 @@ def eval_transform(size: int) -> v2.Compose:
     )
 
 
-class MultiCropTransform:
-    """image -> list of crops: n_crops[0] at size_crops[0], then the next group, ..."""
+@dataclass(frozen=True)
+class CropGroup:
+    """`count` crops of `size` px, each a RandomResizedCrop of `scale` of the image's area."""
+
+    count: int
+    size: int
+    scale: tuple[float, float]
+
+
+class MultiCropSpec:
+    """What a multi-crop makes: its crop groups, largest first, and the jitter strength.
+
+    The one constructor and `from_config` of both implementations: this module's PIL one
+    and swav_core.batch_multicrop's batched tensor one.
+    """
 
     def __init__(
         self,
@@ -91,16 +105,16 @@ class MultiCropTransform:
         max_scale_crops: Sequence[float],
         color_jitter_strength: float = 1.0,
     ) -> None:
-        self.transforms = [
-            crop_transform(size, low, high, color_jitter_strength)
+        self.groups = tuple(
+            CropGroup(count, size, (low, high))
             for count, size, low, high in zip(
                 n_crops, size_crops, min_scale_crops, max_scale_crops, strict=True
             )
-            for _ in range(count)
-        ]
+        )
+        self.color_jitter_strength = color_jitter_strength
 
     @classmethod
-    def from_config(cls, config: TrainConfig) -> MultiCropTransform:
+    def from_config(cls, config: TrainConfig) -> Self:
         return cls(
             config.n_crops,
             config.size_crops,
@@ -108,6 +122,22 @@ class MultiCropTransform:
             config.max_scale_crops,
             config.color_jitter_strength,
         )
+
+    @property
+    def total_crops(self) -> int:
+        return sum(group.count for group in self.groups)
+
+
+class MultiCropTransform(MultiCropSpec):
+    """image -> list of crops: n_crops[0] at size_crops[0], then the next group, ..."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.transforms = [
+            crop_transform(group.size, *group.scale, self.color_jitter_strength)
+            for group in self.groups
+            for _ in range(group.count)
+        ]
 
     def __call__(self, image: Any) -> list[torch.Tensor]:
         image = to_rgb_image(image)

@@ -19,10 +19,10 @@ from torchvision.transforms.v2 import functional as F
 
 from swav_core.batch_multicrop import (
     BatchMultiCrop,
-    CropParams,
     resized_crops_per_crop,
     resized_crops_roi_align,
 )
+from swav_core.crop_draws import CropParams
 from swav_core.multicrop import (
     BLUR_SIGMA,
     IMAGENET_MEAN,
