@@ -2,10 +2,13 @@
 
 throughput: resnet50 with the paper's multi-crop (2x224 + 6x96) at bf16, trained by
 `swav_core.trainer.train` for a few hundred steps on generated JPEGs (the shapes of
-swav_core.synthetic at 256 px). Reports end-to-end images/s, the compute bound (the same
-model, loss and optimiser step on tensors already on the device), peak GPU memory
-(torch.cuda.max_memory_allocated) and the loss curve. Fails if the run does not finish
-or the loss does not go down.
+swav_core.synthetic at 256 px), once per data path: `pil` (each image decoded and cropped
+in the loader workers) and `prepared` (the images' prepared copy read by the workers, the
+crops made in batches on the GPU; swav_core/prepared_loader.py). Reports per path the
+end-to-end images/s and its ratio to the compute bound (the same model, loss and optimiser
+step on tensors already on the device), the GPU busy fraction (nvidia-smi), peak GPU
+memory and the loss curve, with --workers loader processes. Fails if a run does not finish
+or its loss does not go down.
 
 equivalence: 2 ranks == 1 process, as tests/core/test_trainer.py checks with gloo on the CPU,
 here on 2 GPUs over NCCL: a 4-step tiny run's final weights from 2 ranks (global batch
@@ -31,9 +34,12 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math
 import multiprocessing
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +51,9 @@ import torch.multiprocessing as mp
 from swav_core.checkpoint import load_checkpoint
 from swav_core.config import TrainConfig
 from swav_core.distributed import free_port, set_spawn_env
+from swav_core.image_folder import scan_image_folder
 from swav_core.model import SwAVModel
+from swav_core.prepared import write_prepared
 from swav_core.presets import config_from
 from swav_core.step import swav_step
 from swav_core.synthetic import SHAPES, shape_image, write_shapes_dataset
@@ -172,6 +180,76 @@ def environment(device: torch.device) -> dict[str, Any]:
     return info
 
 
+class GpuBusy:
+    """The fraction of `nvidia-smi` samples (every 0.5 s, while entered) in which the GPU
+    was busy (utilization.gpu: the share of the last sample period a kernel ran); None
+    without nvidia-smi (a CPU run)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        command = ["nvidia-smi", f"--id={self.index}", "--query-gpu=utilization.gpu",
+                   "--format=csv,noheader,nounits"]
+        while not self._stop.wait(0.5):
+            try:
+                answer = subprocess.run(command, capture_output=True, text=True, timeout=5)
+                self.samples.append(float(answer.stdout.strip()) / 100)
+            except (OSError, ValueError, subprocess.SubprocessError):
+                return
+
+    def __enter__(self) -> GpuBusy:
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @property
+    def fraction(self) -> float | None:
+        steady = self.samples[len(self.samples) // 5 :]  # past start-up and warm-up
+        return round(statistics.mean(steady), 3) if steady else None
+
+
+def train_one_path(
+    config: TrainConfig, data: Path, prepared: Path | None, run: Path, device: torch.device
+) -> dict[str, Any]:
+    """One training run from the images (PIL) or their prepared copy (batched crops)."""
+    metrics: list[dict[str, Any]] = []
+    started_events: list[dict[str, Any]] = []
+
+    def record(event: dict[str, Any]) -> None:
+        if event["type"] == "metrics":
+            metrics.append(event)
+        elif event["type"] == "started":
+            started_events.append(event)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    with GpuBusy(device.index or 0) as busy:
+        result = train(config, data, run, device=device, callbacks=[record], prepared_dir=prepared)
+    wall = time.perf_counter() - started
+    # The first two windows hold cuDNN's autotuning and the loader workers' start.
+    rates = [m["images_per_s"] for m in metrics[2:]] or [m["images_per_s"] for m in metrics]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {
+        "data_path": started_events[0]["data_path"],
+        "result": result,
+        "wall_s": round(wall, 1),
+        "images_per_s": round(statistics.median(rates), 1),
+        "gpu_busy": busy.fraction,
+        "peak_gpu_memory_gib": round(peak, 2) if peak is not None else None,
+        "curve": [(m["step"], round(m["loss"], 4)) for m in metrics],
+    }
+
+
 def throughput(args: argparse.Namespace, work: Path) -> bool:
     device = torch.device("cpu") if args.tiny else torch.device("cuda", 0)
     config = paper_config(args)
@@ -184,54 +262,49 @@ def throughput(args: argparse.Namespace, work: Path) -> bool:
     data = write_jpegs(work / "images", args.images, args.image_size, max(1, args.workers))
     print(f"  {args.images} images of {args.image_size} px written in "
           f"{time.perf_counter() - started:.1f} s", flush=True)
+    prepared = None
+    if "prepared" in args.data_path:
+        started = time.perf_counter()
+        write_prepared(scan_image_folder(data), work / "prepared")
+        prepared = work / "prepared"
+        print(f"  prepared copy written in {time.perf_counter() - started:.1f} s", flush=True)
 
-    metrics: list[dict[str, Any]] = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    result = train(
-        config, data, work / "run", device=device,
-        callbacks=[lambda e: metrics.append(e) if e["type"] == "metrics" else None],
-    )
-    wall = time.perf_counter() - started
-    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    # The first two windows hold cuDNN's autotuning and the loader workers' start.
-    rates = [m["images_per_s"] for m in metrics[2:]] or [m["images_per_s"] for m in metrics]
-    end_to_end = statistics.median(rates)
     bound = compute_bound(config, device, steps=args.bound_steps, skip=3)
-
-    curve = [(m["step"], round(m["loss"], 4)) for m in metrics]
-    first = statistics.mean(loss for _, loss in curve[:3])
-    last = statistics.mean(loss for _, loss in curve[-3:])
-    checks = {
-        "completed": result.status == "completed" and result.step == result.total_steps,
-        "loss_decreased": last < first,
-    }
-    report = {
+    print(f"  compute bound: {bound:8.1f} images/s (same step on device tensors)", flush=True)
+    report: dict[str, Any] = {
         "config": config.model_dump(mode="json"),
         "environment": environment(device),
-        "steps": result.step,
-        "wall_s": round(wall, 1),
-        "end_to_end_images_per_s": round(end_to_end, 1),
+        "loader_workers": config.num_workers,
         "compute_bound_images_per_s": round(bound, 1),
-        "end_to_end_over_bound": round(end_to_end / bound, 3),
-        "peak_gpu_memory_gib": round(peak_gib, 2) if peak_gib is not None else None,
         "loss_ln_k": round(math.log(config.n_prototypes), 4),
-        "loss_curve": curve,
-        "checks": checks,
+        "paths": {},
     }
+    checks: dict[str, bool] = {}
+    for path in args.data_path:
+        run = train_one_path(
+            config, data, prepared if path == "prepared" else None, work / f"run-{path}", device
+        )
+        result, curve = run.pop("result"), run["curve"]
+        first = statistics.mean(loss for _, loss in curve[:3])
+        last = statistics.mean(loss for _, loss in curve[-3:])
+        checks[f"{path}_completed"] = (
+            result.status == "completed" and result.step == result.total_steps
+            and run["data_path"] == path
+        )
+        checks[f"{path}_loss_decreased"] = last < first
+        run["over_bound"] = round(run["images_per_s"] / bound, 3)
+        report["paths"][path] = run
+        busy = "n/a" if run["gpu_busy"] is None else f"{run['gpu_busy']:.2f}"
+        print(f"  {path}: {result.step} steps in {run['wall_s']:.1f} s, "
+              f"{run['images_per_s']:8.1f} images/s end to end, {run['over_bound']:.2f} of "
+              f"the bound, GPU busy {busy}", flush=True)
+        if run["peak_gpu_memory_gib"] is not None:
+            print(f"    peak GPU memory: {run['peak_gpu_memory_gib']:.2f} GiB allocated")
+        print(f"    loss (ln K = {math.log(config.n_prototypes):.3f}), step: loss")
+        for start in range(0, len(curve), 8):
+            print("     " + "  ".join(f"{s:>4}: {v:.3f}" for s, v in curve[start : start + 8]))
+    report["checks"] = checks
     (args.out / "throughput.json").write_text(json.dumps(report, indent=1))
-
-    print(f"  {result.step} steps in {wall:.1f} s")
-    print(f"  end to end:    {end_to_end:8.1f} images/s (median over logged windows)")
-    print(f"  compute bound: {bound:8.1f} images/s (same step on device tensors); "
-          f"ratio {end_to_end / bound:.2f}")
-    if peak_gib is not None:
-        print(f"  peak GPU memory: {peak_gib:.2f} GiB allocated, "
-              f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved")
-    print(f"  loss (ln K = {math.log(config.n_prototypes):.3f}), step: loss")
-    for start in range(0, len(curve), 8):
-        print("   " + "  ".join(f"{s:>4}: {v:.3f}" for s, v in curve[start : start + 8]))
     print(f"  checks: {checks}", flush=True)
     return all(checks.values())
 
@@ -316,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="loader workers; default: the CPUs less 2 (--tiny: 1)")
     parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--bound-steps", type=int, default=None, help="default 20 (--tiny: 5)")
+    parser.add_argument("--data-path", nargs="+", choices=["pil", "prepared"],
+                        default=["pil", "prepared"],
+                        help="decode with PIL in the loader workers, and/or read a prepared "
+                        "copy and crop in batches on the GPU (both by default)")
     args = parser.parse_args(argv)
     defaults = {"steps": (300, 12), "batch": (128, 16), "images": (2048, 64),
                 "image_size": (256, 56), "bound_steps": (20, 5),

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The GPU check as one script, a few minutes on one GPU, nothing downloaded (bench/gpu_check.py):
 #   1. resnet50 SwAV with the paper's crops (2x224 + 6x96) at bf16, a few hundred steps of
-#      swav_core's trainer on generated images: images/s, peak GPU memory, loss curve;
+#      swav_core's trainer on generated images, once decoding with PIL and once from the
+#      prepared copy with the crops made on the GPU: images/s, its ratio to the compute
+#      bound, GPU busy fraction, peak GPU memory, loss curve;
 #   2. with 2 or more GPUs, 2 NCCL ranks == 1 process (tests/core/test_trainer.py: gloo, CPU).
 # Results are printed and written as JSON under --out (default var/gpu_check).
 #
 #   bash bench/gpu_check.sh                     # on a GPU machine with .venv
 #   docker compose run --rm --no-deps worker-gpu bash bench/gpu_check.sh --out /tmp/gpu_check
 #   bash bench/gpu_check.sh --tiny              # on a CPU: tiny model, gloo; the script runs
-# Other options go to the throughput check, e.g. --steps 500 --batch 256.
+# Other options go to the throughput check, e.g. --steps 500 --batch 256 --workers 4
+# --data-path prepared.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +24,7 @@ while (($#)); do
     case $1 in
         --tiny) tiny=(--tiny); shift ;;
         --out) out=$2; shift 2 ;;
-        -h | --help) sed -n '2,11p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
         *) extra+=("$1"); shift ;;
     esac
 done
