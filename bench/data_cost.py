@@ -5,9 +5,11 @@ ImageNet's typical size, made here with PIL:
 
 - pil: what `swav_core.data.MultiCropDataset` does per sample: decode (`rgb_frame`), then
   `MultiCropTransform` under a forked RNG seeded from the sample's key;
-- decode: the decode alone, to a (3, H, W) uint8 tensor, paid once at ingestion by a
-  prepared dataset (reported apart, not part of the tensor path);
-- tensor: `BatchMultiCrop` on the decoded uint8 tensors, a whole batch per call.
+- decode: the decode and the cap to the prepared copy's shorter side (256 px:
+  `swav_core.prepared.capped_rgb`), paid once at ingestion by a prepared dataset
+  (reported apart, not part of the tensor path);
+- tensor: `BatchMultiCrop` on those uint8 tensors, as the prepared copy holds them and
+  `swav_core.prepared_loader` hands them over, a whole batch per call.
 
 CPU time is the process's (all its threads), the least of `--repeats` runs since other
 work on the machine only adds to it. Prints a table and, with --json, the figures.
@@ -35,6 +37,7 @@ from swav_core.batch_multicrop import BatchMultiCrop
 from swav_core.data import mix_seed
 from swav_core.images import rgb_frame
 from swav_core.multicrop import MultiCropTransform
+from swav_core.prepared import DEFAULT_MAX_SHORT_SIDE, capped_rgb
 from swav_core.presets import config_from
 
 WIDTH, HEIGHT = 500, 375
@@ -60,8 +63,11 @@ def decode(blob: bytes) -> Image.Image:
         return rgb_frame(image)
 
 
-def decode_to_tensor(blob: bytes) -> torch.Tensor:
-    return torch.from_numpy(np.array(decode(blob))).permute(2, 0, 1)  # (3, H, W) over HWC
+def prepared_tensor(blob: bytes) -> torch.Tensor:
+    """The image as the prepared copy holds it, laid out as PreparedDataset gives it:
+    (3, H, W) uint8 over channels-last memory, shorter side capped."""
+    pixels = capped_rgb(decode(blob), DEFAULT_MAX_SHORT_SIDE)  # (3, H, W)
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(1, 2, 0))).permute(2, 0, 1)
 
 
 def least_cpu_ms(work: Callable[[], object], images: int, repeats: int) -> tuple[float, float]:
@@ -86,7 +92,7 @@ def main() -> None:
 
     config = config_from("imagenet-800ep")
     blobs = synthetic_jpegs(args.images)
-    tensors = [decode_to_tensor(blob) for blob in blobs]
+    tensors = [prepared_tensor(blob) for blob in blobs]
     seeds = [mix_seed(config.seed, 0, index) for index in range(args.images)]
     pil_transform = MultiCropTransform.from_config(config)
     batch_transform = BatchMultiCrop.from_config(config)
@@ -100,7 +106,7 @@ def main() -> None:
 
     def decode_only() -> None:
         for blob in blobs:
-            decode_to_tensor(blob)
+            prepared_tensor(blob)
 
     def tensor_path() -> None:
         batch_transform(tensors, seeds)

@@ -39,7 +39,7 @@ from swav_core.image_folder import scan_image_folder
 from swav_core.loss import swav_loss
 from swav_core.model import SwAVModel
 from swav_core.prepared import write_prepared
-from swav_core.prepared_loader import training_input
+from swav_core.prepared_loader import training_images, training_input
 from swav_core.presets import config_from
 from swav_core.synthetic import SHAPES, shape_image
 from swav_core.trainer import autocast_context, train
@@ -158,9 +158,8 @@ def data_time(config: TrainConfig, data: Path, batches: int, prepared: Path | No
     scan = scan_image_folder(data)
     sampler = ShardedEpochSampler(len(scan.files), config.batch_size, 0, 1, config.seed)
     serial = config.model_copy(update={"num_workers": 0})
-    loader = training_input(
-        serial, scan, scan.fingerprint(), sampler, torch.device("cpu"), prepared
-    ).loader
+    source = training_images(serial, data, prepared)
+    loader = training_input(serial, source, sampler, torch.device("cpu")).loader
     start = time.perf_counter()
     for i, _ in enumerate(loader):
         if i + 1 == batches:
