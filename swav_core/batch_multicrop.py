@@ -101,8 +101,11 @@ class BatchMultiCrop(MultiCropSpec):
             for first in range(0, len(out), step):
                 chunk = slice(first, first + step)
                 x = self.augment(pixels[chunk] * (1 / 255), params.select(chunk), size)
-                x = torch.addcmul(shift, x, scale)  # (x - mean) / std
-                out.index_copy_(0, rows[chunk].to(device), x)
+                if device.type == "cpu":  # CPU index_copy_ runs far below memory speed
+                    for crop, row in zip(x, rows[chunk].tolist(), strict=True):
+                        torch.addcmul(shift[0], crop, scale[0], out=out[row])
+                else:
+                    out.index_copy_(0, rows[chunk].to(device), torch.addcmul(shift, x, scale))
             crops.extend(out.view(count, len(images), 3, size, size).unbind(0))
         return crops
 
