@@ -1,12 +1,15 @@
-"""SWAV_TRAIN_FROM_PREPARED over the real service: a job trains from its dataset's prepared
-copy (written at ingestion), and from the images when the copy is gone; a worker on a
-machine without the dataset streams the copy from the artifact store (moto's S3 server).
+"""SWAV_TRAIN_FROM_PREPARED (default true) over the real service: a job trains from its
+dataset's prepared copy (written at ingestion), and from the images when the copy is gone
+or the setting is false; a worker on a machine without the dataset streams the copy from
+the artifact store (moto's S3 server).
 
 Real PostgreSQL, Redis, API and Celery workers; the "started" event names the data path.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 from swav_core.prepared import MANIFEST_FILE, is_prepared
@@ -23,14 +26,20 @@ from tests.worker.test_resources import submit
 def test_a_job_trains_from_the_prepared_copy(pg_service: Service, shapes_dir: Path) -> None:
     service = pg_service
     service.env["SWAV_POLL_INTERVAL_S"] = "0.2"
-    service.env["SWAV_TRAIN_FROM_PREPARED"] = "true"
     service.start_api()
     service.start_worker("short")
-    service.start_worker("train")
+    trainer = service.start_worker("train")
     with service.client() as client:
         dataset_id = upload_ready_dataset(client, service, shapes_dir)["id"]
         prepared = dataset_prepared_dir(settings_of(service), dataset_id)
         assert is_prepared(prepared)
+
+        def restart_trainer(train_from_prepared: str) -> None:
+            nonlocal trainer
+            os.killpg(trainer.pid, signal.SIGTERM)
+            assert trainer.wait(timeout=60) == 0
+            service.env["SWAV_TRAIN_FROM_PREPARED"] = train_from_prepared
+            trainer = service.start_worker("train")
 
         def trained_from() -> list[str]:
             job = submit(client, dataset_id, epochs=1).json()
@@ -42,6 +51,9 @@ def test_a_job_trains_from_the_prepared_copy(pg_service: Service, shapes_dir: Pa
             return [e["data"]["data_path"] for e in events if e["type"] == "started"]
 
         assert trained_from() == ["prepared"]
+        restart_trainer("false")
+        assert trained_from() == ["pil"]
+        restart_trainer("true")
         (prepared / MANIFEST_FILE).unlink()  # an incomplete copy is never offered
         assert trained_from() == ["pil"]
 
