@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from swav_core.batch_multicrop import BatchMultiCrop
 from swav_core.config import TrainConfig
 from swav_core.data import MultiCropDataset, SampleKey, ShardedEpochSampler, make_loader, mix_seed
+from swav_core.device_prefetch import DevicePrefetch
 from swav_core.errors import DataError
 from swav_core.image_folder import ImageFolderScan, scan_image_folder
 from swav_core.multicrop import MultiCropTransform
@@ -138,11 +139,17 @@ class PreparedLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[CropBatch]:
+        if self.device.type == "cuda":  # crops made ahead, while the GPU runs the step
+            yield from DevicePrefetch(self.loader, self._crops, self.device)
+            return
         for batch in self.loader:
             if isinstance(batch, PreparedBatch):
-                yield batch_crops(batch, self.multicrop, self.device), batch.indices
+                yield self._crops(batch)
             else:
                 yield batch
+
+    def _crops(self, batch: PreparedBatch) -> CropBatch:
+        return batch_crops(batch, self.multicrop, self.device), batch.indices
 
 
 @dataclass(frozen=True)
