@@ -11,9 +11,10 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     rm -f "$pwfile"
     echo "listen_addresses = '*'" >> "$PGDATA/postgresql.conf"
     echo "host all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
-    if [ "${POSTGRES_DB:-$POSTGRES_USER}" != "$POSTGRES_USER" ]; then
+    database=${POSTGRES_DB:-$POSTGRES_USER}  # initdb makes only `postgres`
+    if [ "$database" != postgres ]; then
         pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -w start
-        createdb -U "$POSTGRES_USER" "$POSTGRES_DB"
+        createdb -U "$POSTGRES_USER" "$database"
         pg_ctl -D "$PGDATA" -m fast -w stop
     fi
 fi
