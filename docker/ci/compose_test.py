@@ -469,6 +469,8 @@ def main() -> int:
         return 1
     finally:
         if stack_up:
+            logs = stack.compose("logs", "--no-color", capture=True, check=False, quiet=True)
+            (STATE / "stack.log").write_text(logs.stdout)  # the services' own output
             with phase("stack down (volumes removed)", timings):
                 stack.compose("down", "--volumes", "--remove-orphans", check=False)
         timings["total"] = round(time.monotonic() - started, 1)
