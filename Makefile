@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench browser
+.PHONY: setup demo test lint bench browser compose-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,3 +36,9 @@ test: lint browser
 
 bench: $(STAMP)
 	$(BIN)/python bench/sinkhorn.py
+
+# The compose deployment built and run for real (README, "Deployment"): Docker, Compose and
+# dockerd set up when missing (as root), the images Docker Hub would give made locally.
+compose-test: $(STAMP)
+	bash docker/ci/engine.sh start
+	$(BIN)/python docker/ci/compose_test.py; status=$$?; bash docker/ci/engine.sh stop; exit $$status

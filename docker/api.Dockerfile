@@ -25,7 +25,11 @@ WORKDIR /app
 COPY . .
 # Editable, as in `make setup`: `swav-service migrate` reads alembic.ini and migrations/ next
 # to the api package (api/cli.py), which a wheel install into site-packages would leave out.
-RUN /opt/venv/bin/pip install -e .
+# SOURCE_DATE_EPOCH makes pip write hash-based .pyc files instead of ones stamped with the
+# install time, so a change to the code alone leaves /opt/venv the same bytes and the final
+# stage's multi-gigabyte copy of it stays cached (README or pyproject.toml changes still
+# alter the project's metadata there).
+RUN SOURCE_DATE_EPOCH=315532800 /opt/venv/bin/pip install -e .
 
 FROM ${PYTHON_IMAGE}
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin swav \

@@ -35,8 +35,8 @@ WORKDIR /app
 # The project as the build context holds it; .dockerignore keeps tests, virtualenvs and
 # local state out.
 COPY . .
-# Editable, as in `make setup`: see api.Dockerfile.
-RUN /opt/venv/bin/pip install -e .
+# Editable, as in `make setup`, with hash-based .pyc files: see api.Dockerfile.
+RUN SOURCE_DATE_EPOCH=315532800 /opt/venv/bin/pip install -e .
 
 FROM ${CUDA_IMAGE}
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin swav \

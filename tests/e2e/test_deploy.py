@@ -1,8 +1,9 @@
 """The container deployment: docker-compose.yml, docker/*.Dockerfile, .env.example.
 
-No Docker engine runs here, so the compose file is checked as data (services,
-healthchecks, volumes, dependencies, queues), and then each service's own command runs
-natively with its compose environment moved onto this machine: the host names postgres
+The pytest suite starts no Docker engine (`make compose-test`, docker/ci/compose_test.py,
+builds the images and runs the stack for real), so here the compose file is checked as data
+(services, healthchecks, volumes, dependencies, queues), and then each service's own
+command runs natively with its compose environment moved onto this machine: the host names postgres
 and redis become 127.0.0.1 with a fresh database and a fresh Redis database number, /data
 becomes a temporary folder. The Dockerfiles are checked to install what the README and
 pyproject.toml say, in a multi-stage build whose final stage runs as a non-root user.
