@@ -91,20 +91,29 @@ def first_checkpoint(client: httpx.Client, service: Service, job_id: str) -> int
 
 
 def trainers_of(job_id: str) -> list[int]:
-    """Pids of live training processes working on the job's run folder."""
-    pids = []
+    """Pids of live training processes working on the job's run folder.
+
+    A process the trainer forks (e.g. ctypes' `ldconfig -p` at import) shows the trainer's
+    command line until it execs: it is the same training process, not a second one, and
+    is not counted (a launcher's ranks have command lines of their own and are).
+    """
+    found: dict[int, tuple[bytes, int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().split(") ")[1][0]
-        except OSError:
+            raw = (entry / "cmdline").read_bytes()
+            state, parent = (entry / "stat").read_text().split(") ")[1].split()[:2]
+        except (OSError, ValueError):
             continue
+        cmdline = raw.split(b"\0")
         mine = b"worker.train_child" in cmdline and any(job_id.encode() in a for a in cmdline)
         if mine and state != "Z":
-            pids.append(int(entry.name))
-    return pids
+            found[int(entry.name)] = (raw, int(parent))
+    return [
+        pid for pid, (raw, parent) in found.items()
+        if parent not in found or found[parent][0] != raw
+    ]
 
 
 class LeaseWatch(threading.Thread):
