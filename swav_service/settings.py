@@ -61,6 +61,10 @@ class Settings(BaseSettings):
         "other metrics and epoch event is removed, lifecycle events never (job_state.py)."
     )
     cancel_grace_s: float = Field(60.0, description="Hard stop after a cooperative cancel.")
+    cancel_poll_s: float = Field(
+        1.0, gt=0, description="How often a runner reads its job's status between lease "
+        "renewals, so a cancel reaches the training within about this long."
+    )
     poll_interval_s: float = Field(
         0.5, description="How often a runner polls its child and an event stream its job."
     )

@@ -41,6 +41,7 @@ class Lease:
     token: int
     ttl_s: float
     renewed_at: float = field(default_factory=time.monotonic)
+    read_at: float = field(default_factory=time.monotonic)
 
     def guard(self, session: Session) -> Job:
         """Lock the job row if the token is still ours (raise LeaseLost otherwise)."""
@@ -70,7 +71,19 @@ class Lease:
             ).scalar_one_or_none()
         if status is None:
             raise LeaseLost(self.job_id)
-        self.renewed_at = started
+        self.renewed_at = self.read_at = started
+        return status
+
+    def status(self) -> str:
+        """The job's status, read without writing (a cancel shows as "cancelling" here
+        well before the next renewal). Raises LeaseLost, or a database error."""
+        self.read_at = time.monotonic()
+        with session_scope() as session:
+            status = session.execute(
+                select(Job.status).where(Job.id == self.job_id, Job.fencing_token == self.token)
+            ).scalar_one_or_none()
+        if status is None:
+            raise LeaseLost(self.job_id)
         return status
 
     def remaining_s(self) -> float:

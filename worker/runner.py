@@ -224,18 +224,20 @@ def _supervise(
     heartbeat: Path,
     settings: Settings,
 ) -> None:
-    """One round of the runner's loop: relay, renew when due (and tell the child so), and
-    decide whether to stop."""
+    """One round of the runner's loop: relay, renew when due (and tell the child so), look
+    for a cancel between renewals, and decide whether to stop."""
     try:
         relay.poll()
         if relay.storage_refusal is not None:
             stop.request(STORAGE_STOP, relay.storage_refusal)
-        due = lease.ttl_s - lease.remaining_s() >= settings.lease_renew_s
-        if due:
+        status = None
+        if lease.ttl_s - lease.remaining_s() >= settings.lease_renew_s:
             status = lease.renew()
             write_heartbeat(heartbeat, lease.remaining_s(), settings.lease_renew_s)
-            if status == "cancelling":
-                stop.request("cancel")
+        elif time.monotonic() - lease.read_at >= settings.cancel_poll_s:
+            status = lease.status()
+        if status == "cancelling":
+            stop.request("cancel")
     except DBAPIError as error:
         log.warning("job %s: database unreachable (%s)", lease.job_id, type(error).__name__)
         if lease.remaining_s() < settings.lease_renew_s:
