@@ -19,11 +19,16 @@ accuracy against minutes.
 `--data-path pil prepared` trains each recipe once per data path: `pil` decodes and crops
 each image with PIL (swav-train on a folder), `prepared` reads the dataset's prepared copy
 (swav_core/prepared.py, the default cap) and crops in batches (what the service does with
-SWAV_TRAIN_FROM_PREPARED). `--recipes auto` leaves out small-batch.
+SWAV_TRAIN_FROM_PREPARED). `--recipes auto` leaves out small-batch. `--backbones auto
+timm/convnext_atto` runs auto once with its own backbone and once with each named one
+(auto then fits the rest, crop sides included, to it; random init is that network's).
+`--set KEY=VALUE ...` gives auto those fields as a job request would (e.g.
+`optimizer=adamw`), to measure a change to the recipe before making it.
 
     .venv/bin/pip install -e ".[bench]"
     .venv/bin/python bench/quality.py [--data mnist elpv] [--minutes 10] [--json out.json]
-        [--data-path pil prepared] [--recipes auto small-batch]
+        [--data-path pil prepared] [--recipes auto small-batch] [--backbones auto NAME...]
+        [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from PIL import Image  # noqa: E402
 
 from swav_core.checkpoint import list_checkpoints  # noqa: E402
 from swav_core.config import TrainConfig  # noqa: E402
+from swav_core.config_parsing import parse_settings  # noqa: E402
 from swav_core.costs import Machine, measure_machine  # noqa: E402
 from swav_core.embed import embed  # noqa: E402
 from swav_core.evaluate import evaluate_features  # noqa: E402
@@ -139,7 +145,8 @@ def run(
 
 
 def bench_dataset(
-    name: str, minutes: float, machine: Machine, work: Path, data_path: str, recipes: list[str]
+    name: str, minutes: float, machine: Machine, work: Path, data_path: str, recipes: list[str],
+    backbone: str = "auto", overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     data, extra = DATASETS[name](work / name)
     labels = label_sets(data, extra)
@@ -148,12 +155,15 @@ def bench_dataset(
     if data_path == "prepared":
         prepared = work / f"{name}-prepared"
         write_prepared(scan, prepared)
-    work = work / data_path
+    work = work / data_path / backbone.replace("/", "-")
     images = [load_rgb(data / f) for f in scan.files]
     budget = 60 * minutes
     stats = DatasetStats.from_scan(scan)
     # keep every checkpoint (for the curve) and the step-0 weights (random init)
-    auto, reasons = resolve_config(AUTO, {"budget_s": budget}, stats, machine)
+    given: dict[str, Any] = {"budget_s": budget, **(overrides or {})}
+    if backbone != "auto":
+        given["backbone"] = backbone
+    auto, reasons = resolve_config(AUTO, given, stats, machine)
     auto = auto.with_overrides(checkpoint_at_start=True, keep_last=1000)
     print(f"[{name}] auto: {auto.backbone}, crops {auto.size_crops}, K {auto.n_prototypes}",
           flush=True)
@@ -177,11 +187,13 @@ def bench_dataset(
     result = {
         "dataset": name,
         "data_path": data_path,
+        "backbone": auto.backbone,
         "num_images": len(scan.files),
         "label_sets": list(labels),
         "budget_s": budget,
         "auto_config": auto.model_dump(mode="json"),
         "auto_reasons": reasons,
+        "overrides": overrides or {},
         "auto_wall_s": round(auto_s, 1),
         "auto": curve[-1],
         "random_init": curve[0],
@@ -205,7 +217,9 @@ def bench_dataset(
 def table(result: dict[str, Any]) -> str:
     rows = [f"{result['dataset']} ({result['num_images']} images, "
             f"{result['budget_s'] / 60:g} min budget, {result['data_path']} data path, "
-            f"auto's last step {result['auto']['step']})"]
+            f"{result['backbone']}, "
+            + "".join(f"{k}={v}, " for k, v in result["overrides"].items())
+            + f"auto's last step {result['auto']['step']})"]
     methods = [("auto", result["auto"]), ("small-batch", result.get("small_batch")),
                ("random init", result["random_init"]),
                ("raw pixels", result["raw_pixels"]["best"])]
@@ -229,7 +243,12 @@ def main() -> None:
     parser.add_argument("--data-path", nargs="+", default=["pil"], choices=["pil", "prepared"])
     parser.add_argument("--recipes", nargs="+", default=["auto", "small-batch"],
                         choices=["auto", "small-batch"])
+    parser.add_argument("--backbones", nargs="+", default=["auto"],
+                        help="auto (its own choice) and/or backbone names for auto to use")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="fields given to auto, as in a job request")
     args = parser.parse_args()
+    overrides = parse_settings(args.set)
     if "auto" not in args.recipes:
         parser.error("--recipes must include auto (its step-0 weights are the random init)")
     machine = measure_machine()
@@ -238,8 +257,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.data:
             for data_path in args.data_path:
-                results.append(bench_dataset(
-                    name, args.minutes, machine, Path(tmp), data_path, args.recipes))
+                for backbone in args.backbones:
+                    results.append(bench_dataset(name, args.minutes, machine, Path(tmp),
+                                                 data_path, args.recipes, backbone, overrides))
     for result in results:
         print(table(result))
     if args.json:

@@ -10,8 +10,12 @@ main process. Prints images/s of both, their ratio, the shares and peak RSS.
 clock starts), its crops made in batches (swav_core/prepared_loader.py); `pil` (default)
 decodes and crops each image in the loader workers.
 
+`--backbone` takes any name a job may give (`timm/convnext_atto`,
+`torchvision/efficientnet_b0`, ...), `--sizes` the two crop sides (a ViT's must be
+multiples of its patch).
+
     .venv/bin/python bench/train_throughput.py [--steps 30] [--precision bf16]
-        [--data-path pil|prepared]
+        [--data-path pil|prepared] [--backbone resnet18] [--sizes 96 64]
 """
 
 from __future__ import annotations
@@ -60,9 +64,9 @@ def write_jpegs(root: Path, count: int, size: int) -> Path:
 def bench_config(args: argparse.Namespace) -> TrainConfig:
     return config_from(
         None,
-        backbone="resnet18",
+        backbone=args.backbone,
         n_crops=(2, 4),
-        size_crops=(96, 64),
+        size_crops=tuple(args.sizes),
         n_prototypes=300,
         batch_size=args.batch,
         epochs=1,
@@ -147,7 +151,8 @@ def best_bound(args: argparse.Namespace) -> tuple[float, dict[str, float]]:
     """
     env = {**os.environ, "OMP_WAIT_POLICY": "ACTIVE"}
     command = [sys.executable, __file__, "--bound-only", "--batch", str(args.batch),
-               "--precision", args.precision]
+               "--precision", args.precision, "--backbone", args.backbone,
+               "--sizes", *map(str, args.sizes)]
     output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     bound, stages = json.loads(output.strip().splitlines()[-1])
     return float(bound), dict(stages)
@@ -174,6 +179,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--data-path", choices=["pil", "prepared"], default="pil")
+    parser.add_argument("--backbone", default="resnet18", help="any name GET /v1/backbones lists")
+    parser.add_argument("--sizes", type=int, nargs=2, default=[96, 64], metavar=("LARGE", "SMALL"))
     parser.add_argument("--bound-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = bench_config(args)
@@ -201,7 +208,7 @@ def main() -> None:
         / 1024
     )
     report: dict[str, Any] = {
-        "model": f"resnet18 {config.n_crops[0]}x{config.size_crops[0]}+"
+        "model": f"{config.backbone} {config.n_crops[0]}x{config.size_crops[0]}+"
         f"{config.n_crops[1]}x{config.size_crops[1]} batch {config.batch_size} "
         f"{config.precision}, {torch.get_num_threads()} threads, "
         f"{config.num_workers} loader workers, data path {args.data_path}, "

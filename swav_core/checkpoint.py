@@ -35,8 +35,9 @@ from swav_core.atomic import atomic_write_bytes, atomic_writer
 from swav_core.checkpoint_names import (
     FINAL_NAME,
     PIN_SUFFIX,
-    SIDECAR_SUFFIX,
+    beside_paths,
     checkpoint_dir,
+    checkpoint_of,
     sidecar_path,
 )
 from swav_core.errors import CheckpointError
@@ -167,28 +168,47 @@ def set_pinned(path: Path, pinned: bool) -> None:
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
-    """Remove step checkpoints (and their sidecars) past the newest `keep_last`, except
-    pinned ones. Safe from another process than the trainer: it leaves temp files alone."""
+    """Remove step checkpoints (with their sidecars and exports) past the newest
+    `keep_last`, except pinned ones. Safe from another process than the trainer: it leaves
+    temp files alone."""
     infos = [info for info in list_checkpoints(run_dir) if not info.final]
     for info in infos[keep_last:]:
-        if pin_path(info.path).exists():
-            continue
-        info.path.unlink(missing_ok=True)
-        sidecar_path(info.path).unlink(missing_ok=True)
+        if not pin_path(info.path).exists():
+            remove_checkpoint(info.path)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Remove a checkpoint with the files beside it (sidecar, exports); its pin stays."""
+    path.unlink(missing_ok=True)
+    for beside in beside_paths(path):
+        beside.unlink(missing_ok=True)
 
 
 def _prune(folder: Path, keep_last: int) -> None:
-    """`prune_checkpoints`, then the leftovers of interrupted writes: orphan sidecars and
-    pins, and temp files of writers no longer alive (the trainer's own save only)."""
+    """`prune_checkpoints`, then the leftovers of interrupted writes: orphan sidecars, pins
+    and exports (an export finished after its checkpoint was pruned), and temp files of
+    writers no longer alive (the trainer's own save only)."""
     prune_checkpoints(folder.parent, keep_last)
     for entry in folder.iterdir():
-        temp = _TEMP_NAME.match(entry.name)
-        if temp and int(temp.group(1)) != os.getpid() and not _pid_alive(int(temp.group(1))):
+        if _is_dead_temp(entry) or _is_orphan(entry):
             entry.unlink(missing_ok=True)
-        elif entry.name.endswith((SIDECAR_SUFFIX, PIN_SUFFIX)):
-            checkpoint = entry.with_name(entry.name.rsplit(".", 1)[0])
-            if _is_checkpoint_name(checkpoint.name) and not checkpoint.exists():
-                entry.unlink(missing_ok=True)
+
+
+def _is_dead_temp(entry: Path) -> bool:
+    """A temp file whose writer (another process) is gone."""
+    temp = _TEMP_NAME.match(entry.name)
+    if temp is None:
+        return False
+    pid = int(temp.group(1))
+    return pid != os.getpid() and not _pid_alive(pid)
+
+
+def _is_orphan(entry: Path) -> bool:
+    """A sidecar, pin or export whose checkpoint is gone."""
+    checkpoint = checkpoint_of(entry)
+    if checkpoint is None or not _is_checkpoint_name(checkpoint.name):
+        return False
+    return not checkpoint.exists()
 
 
 def _is_checkpoint_name(name: str) -> bool:

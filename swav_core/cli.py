@@ -33,9 +33,12 @@ from swav_core.costs import estimate, measure_machine
 from swav_core.embed import embed
 from swav_core.errors import SwavError
 from swav_core.evaluate import evaluate_model
-from swav_core.exports import export_backbone_safetensors, export_model_safetensors, load_model
+from swav_core.export_formats import export_formats
+from swav_core.exports import load_model, write_export
 from swav_core.image_folder import scan_image_folder
 from swav_core.images import load_rgb
+from swav_core.model import SwAVModel
+from swav_core.onnx_export import OnnxExportError
 from swav_core.presets import config_from, preset_names
 from swav_core.recipe import AUTO, DatasetStats, resolve_config
 from swav_core.spawn import StopFile, spawn
@@ -140,6 +143,12 @@ def _train(argv: list[str] | None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="run directory")
     parser.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     parser.add_argument("--nproc", type=int, default=1, help="local processes (gloo/NCCL)")
+    parser.add_argument(
+        "--start-weights",
+        type=Path,
+        help="start a fresh run from these weights: a checkpoint (.pt), a model export, or a "
+        "backbone state dict (.safetensors, e.g. torchvision's); ignored on --resume",
+    )
     args = parser.parse_args(argv)
 
     fields: dict[str, Any] = read_config_file(args.config) if args.config else {}
@@ -182,6 +191,7 @@ def _train(argv: list[str] | None) -> int:
                 args.nproc,
                 resume=args.resume,
                 should_stop=StopFile(stop_file),
+                start_weights=args.start_weights,
             )
             status = result_dict["status"]
         else:
@@ -192,6 +202,7 @@ def _train(argv: list[str] | None) -> int:
                 callbacks=[ProgressBar()],
                 should_stop=lambda: stop_requested,
                 resume=args.resume,
+                start_weights=args.start_weights,
             )
             status = result.status
     finally:
@@ -200,12 +211,35 @@ def _train(argv: list[str] | None) -> int:
         console.print(f"stopped; resume with: swav-train ... --out {args.out} --resume")
         return 130
     model, _ = load_model(args.out / "checkpoints" / "final.pt")
-    export_backbone_safetensors(model, args.out / "backbone.safetensors")
-    export_model_safetensors(model, config, args.out / "model.safetensors")
+    written = write_exports(model, config, args.out)
     console.print(
-        f"done: {args.out / 'checkpoints' / 'final.pt'}, {args.out / 'backbone.safetensors'}"
+        f"done: {args.out / 'checkpoints' / 'final.pt'}, {', '.join(map(str, written))}"
     )
     return 0
+
+
+OUT_NAMES = {
+    "safetensors": "model.safetensors",
+    "backbone": "backbone.safetensors",
+    "timm": "backbone.timm.safetensors",
+    "onnx": "backbone.onnx",
+}
+"""The exports `swav-train` writes into --out, by format (those that apply to the backbone)."""
+
+
+def write_exports(model: SwAVModel, config: TrainConfig, out: Path) -> list[Path]:
+    """Every export that applies to the model's backbone, in `out`; an ONNX export torch
+    cannot make is reported and skipped (the weights exports still load)."""
+    written = []
+    for fmt in export_formats(config.backbone):
+        if fmt in OUT_NAMES:
+            try:
+                write_export(model, config, fmt, out / OUT_NAMES[fmt])
+            except OnnxExportError as exc:
+                console.print(f"warning: no ONNX export: {exc}", markup=False)
+                continue
+            written.append(out / OUT_NAMES[fmt])
+    return written
 
 
 def duration_argument(text: str) -> float:

@@ -8,19 +8,24 @@ network looks much the same for a while (random features of different images are
 similar), so one step near ln K means nothing early on; the signal is a window of such
 steps after warm-up and after the prototypes are released.
 
-On a sustained collapse the trainer goes back to the last checkpoint saved before the
-window began, with `recovered_config`: Sinkhorn's epsilon halved (capped at the paper's
-0.05, so a too-smooth epsilon is brought back to it) and the prototypes frozen for
-another window, at most `MAX_RECOVERIES` times; then the run fails with `collapsed`.
+On a sustained collapse `roll_back` takes the run back to the last checkpoint saved before
+the window began, with `recovered_config`: Sinkhorn's epsilon halved (capped at the
+paper's 0.05, so a too-smooth epsilon is brought back to it) and the prototypes frozen
+for another window, at most `MAX_RECOVERIES` times; then the run fails with `collapsed`.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from pathlib import Path
 
+from swav_core.checkpoint import list_checkpoints, load_checkpoint, remove_checkpoint
 from swav_core.config import TrainConfig
+from swav_core.errors import CollapsedError
+from swav_core.events import EventSink
 from swav_core.loss import CollapseDiagnostics
+from swav_core.training_state import TrainingState
 
 # A step looks collapsed when its codes are this close to uniform (entropy / ln K) ...
 UNIFORM_CODES = 0.98
@@ -88,3 +93,55 @@ def recovered_config(config: TrainConfig, frozen_until: int) -> TrainConfig:
         freeze_prototypes=frozen_until,
         freeze_prototypes_unit="iterations",
     )
+
+
+def roll_back(
+    run: TrainingState,
+    monitor: CollapseMonitor,
+    frozen_until: int,
+    run_dir: Path,
+    emit: EventSink,
+) -> tuple[TrainConfig, int]:
+    """Restore the last checkpoint before the collapse with `recovered_config`; the new
+    (config, frozen_until). Raises CollapsedError once MAX_RECOVERIES are spent."""
+    collapsed_at = run.step
+    if len(run.recoveries) >= MAX_RECOVERIES:
+        emit("warning", code="collapsed", step=collapsed_at, message="the features collapsed")
+        raise CollapsedError(collapsed_at, len(run.recoveries))
+    good = [
+        info
+        for info in list_checkpoints(run_dir)
+        if not info.final and info.step is not None and info.step <= monitor.onset_step
+    ]
+    for info in list_checkpoints(run_dir):  # checkpoints of the collapsed stretch
+        if info.final or info.step is None or info.step > monitor.onset_step:
+            remove_checkpoint(info.path)
+    recoveries, fit, started_at = run.recoveries, run.fit, run.started_at
+    if good:
+        run.load_state_dict(load_checkpoint(good[0].path, map_location="cpu"))
+    else:
+        run.restart_from_scratch(run.config.seed)
+    new_config = recovered_config(run.config, max(frozen_until, run.step + monitor.window))
+    overrides = {
+        "epsilon": new_config.epsilon,
+        "freeze_prototypes": new_config.freeze_prototypes,
+        "freeze_prototypes_unit": new_config.freeze_prototypes_unit,
+    }
+    run.fit, run.started_at = fit, started_at  # the budget is wall time: no refund
+    run.recoveries = [*recoveries, {"at_step": collapsed_at, "overrides": overrides}]
+    run.config = new_config
+    emit(
+        "collapse_recovery",
+        collapsed_at_step=collapsed_at,
+        restart_step=run.step,
+        attempt=len(run.recoveries),
+        max_attempts=MAX_RECOVERIES,
+        epsilon=new_config.epsilon,
+        freeze_prototypes=new_config.freeze_prototypes,
+        message=(
+            f"sustained collapse at step {collapsed_at}: back to step {run.step} with "
+            f"epsilon {new_config.epsilon:g} and the prototypes frozen until step "
+            f"{new_config.freeze_prototypes}"
+        ),
+    )
+    return new_config, new_config.freeze_prototypes

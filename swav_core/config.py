@@ -12,7 +12,6 @@ renames made since (swav_core/config_versions.py), so old checkpoints and jobs s
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, Literal, Optional
 
 from pydantic import (
@@ -26,7 +25,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from swav_core.backbone_names import BACKBONES
+from swav_core.backbone_names import backbone_name_problem
 from swav_core.config_versions import CONFIG_VERSION, renamed, upgraded
 
 Optimizer = Literal["lars", "sgd", "adamw"]
@@ -50,8 +49,11 @@ class TrainConfig(BaseModel):
     # model
     backbone: str = Field(
         "resnet50",
+        max_length=120,
         description="Backbone name: tiny_cnn, resnet18/34/50/101, wide_resnet50_2/101_2, "
-        "small_resnet{10,18}_w{16,32,64} (swav_core/backbone_names.py).",
+        "small_resnet{10,18}_w{16,32,64}, any timm model as 'timm/<name>' (e.g. "
+        "timm/convnext_atto) or torchvision classification model as 'torchvision/<name>' "
+        "(swav_core/backbone_names.py; GET /v1/backbones lists them).",
     )
     hidden_mlp: int = Field(
         2048, ge=0, description="Hidden width of the projection head; 0 gives one Linear."
@@ -154,12 +156,9 @@ class TrainConfig(BaseModel):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value: str) -> str:
-        if value not in BACKBONES:
-            close = difflib.get_close_matches(value, BACKBONES, n=2, cutoff=0.6)
-            hint = f"did you mean {' or '.join(close)}? " if close else ""
-            raise ValueError(
-                f"unknown backbone {value!r}; {hint}known backbones: {', '.join(BACKBONES)}"
-            )
+        problem = backbone_name_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @property

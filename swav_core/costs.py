@@ -74,7 +74,7 @@ class CostEstimate:
 def backbone_gflops(backbone: str, size: int, input_size: int) -> float:
     """Forward GFLOPs of one `size` px image through `backbone` built for `input_size`."""
     with torch.device("meta"):
-        model = create_backbone(backbone, input_size)
+        model = create_backbone(backbone, input_size).eval()  # one image: no batch statistics
     with FlopCounterMode(display=False) as counter:
         model(torch.empty(1, 3, size, size, device="meta"))
     return counter.get_total_flops() / 1e9

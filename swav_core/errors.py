@@ -54,3 +54,9 @@ class CollapsedError(SwavError):
         )
         self.step = step
         self.recoveries = recoveries
+
+
+class InvalidWeightsError(SwavError):
+    """The starting weights are missing, unreadable or do not fit the job's model."""
+
+    code = "invalid_weights"

@@ -6,7 +6,8 @@ unknown name, listing the known ones. The prototypes are a bias-free Linear (K x
 whose rows are re-normalised to unit length after every update (paper section 3.1: C has
 unit columns).
 
-Two ResNet families: torchvision's ImageNet ResNets (a 7x7 stride-2 stem and a max-pool,
+Besides any timm or torchvision model by `<family>/<name>` (swav_core/backbone_families.py),
+two ResNet families of our own: torchvision's ImageNet ResNets (a 7x7 stride-2 stem and a max-pool,
 4x down before the first stage: right for 160-224 px crops, wasteful below), and small
 ResNets for small images and CPU budgets (`small_resnet{10,18}_w{16,32,64}`): a 3x3 stem
 whose stride brings the largest crop to at most 32 px, no max-pool, basic blocks of
@@ -24,7 +25,13 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from swav_core.backbone_names import SMALL_RESNETS, TORCHVISION_RESNETS
+from swav_core.backbone_families import feature_width, timm_backbone, torchvision_backbone
+from swav_core.backbone_names import (
+    SMALL_RESNETS,
+    TORCHVISION_RESNETS,
+    backbone_name_problem,
+    split_family,
+)
 from swav_core.config import TrainConfig
 
 
@@ -129,18 +136,33 @@ _BACKBONES: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
+_FAMILIES: dict[str, Callable[[str, int], nn.Module]] = {
+    "timm": timm_backbone,
+    "torchvision": torchvision_backbone,
+}
+
+
 def backbone_names() -> list[str]:
+    """Our own backbone names (timm's and torchvision's are `timm/<name>`, ...)."""
     return sorted(_BACKBONES)
 
 
 def create_backbone(name: str, input_size: int = 224) -> nn.Module:
     """A randomly initialised backbone with `.num_features`, mapping B x 3 x H x W to B x F.
 
-    `input_size` is the largest crop's side; only the small ResNets use it (their stem).
+    `input_size` is the largest crop's side: the small ResNets size their stem by it, and
+    timm's vision transformers their position-embedding grid. A `timm/` or `torchvision/`
+    backbone's F is read from a forward pass at `input_size` (swav_core/backbone_families.py).
     """
-    if name not in _BACKBONES:
-        raise KeyError(f"unknown backbone {name!r}; known backbones: {', '.join(backbone_names())}")
-    return _BACKBONES[name](input_size)
+    problem = backbone_name_problem(name)
+    if problem is not None:
+        raise KeyError(problem)
+    family, model_name = split_family(name)
+    if family is None:
+        return _BACKBONES[name](input_size)
+    backbone = _FAMILIES[family](model_name, input_size)
+    setattr(backbone, "num_features", feature_width(backbone, name, input_size))  # noqa: B010
+    return backbone
 
 
 def projection_head(in_features: int, hidden_mlp: int, feat_dim: int) -> nn.Module:

@@ -34,11 +34,14 @@ def _spawned_rank(
     run_dir: Path,
     should_stop: StopCallback | None,
     resume: bool,
+    start_weights: Path | None = None,
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into should_stop
     set_spawn_env(rank, world_size, port)
     torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
-    result = train(config, data_dir, run_dir, (), should_stop, resume)
+    result = train(
+        config, data_dir, run_dir, (), should_stop, resume, start_weights=start_weights
+    )
     if rank == 0:
         (run_dir / "result.json").write_text(json.dumps(result.__dict__, default=str))
 
@@ -50,6 +53,7 @@ def spawn(
     nprocs: int,
     should_stop: StopCallback | None = None,
     resume: bool = True,
+    start_weights: Path | None = None,
 ) -> dict[str, Any]:
     """Run `train` in `nprocs` local processes (gloo on CPU); returns rank 0's result.
 
@@ -60,7 +64,10 @@ def spawn(
     (run_dir / "result.json").unlink(missing_ok=True)
     mp.spawn(
         _spawned_rank,
-        args=(nprocs, free_port(), config, Path(data_dir), run_dir, should_stop, resume),
+        args=(
+            nprocs, free_port(), config, Path(data_dir), run_dir, should_stop, resume,
+            start_weights,
+        ),
         nprocs=nprocs,
         join=True,
     )

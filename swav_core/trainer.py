@@ -22,21 +22,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from swav_core.backbone_families import check_crop_sizes
 from swav_core.budget import BudgetFitter
-from swav_core.checkpoint import (
-    CheckpointInfo,
-    list_checkpoints,
-    load_checkpoint,
-    load_latest_checkpoint,
-    save_checkpoint,
-)
-from swav_core.checkpoint_names import sidecar_path
-from swav_core.collapse import (
-    MAX_RECOVERIES,
-    CollapseMonitor,
-    recovered_config,
-    window_steps,
-)
+from swav_core.checkpoint import CheckpointInfo, load_latest_checkpoint, save_checkpoint
+from swav_core.collapse import CollapseMonitor, roll_back, window_steps
 from swav_core.config import TrainConfig
 from swav_core.data import ShardedEpochSampler
 from swav_core.distributed import (
@@ -45,11 +34,12 @@ from swav_core.distributed import (
     any_rank,
     distributed_context,
 )
-from swav_core.errors import CollapsedError, ConfigError, NonFiniteLossError
+from swav_core.errors import ConfigError, NonFiniteLossError
 from swav_core.events import EventCallback, EventSink
 from swav_core.model import SwAVModel
 from swav_core.prepared import ShardFetch
 from swav_core.prepared_loader import training_images, training_input
+from swav_core.start_weights import load_start_weights
 from swav_core.step import swav_step
 from swav_core.sync_batchnorm import convert_batchnorm
 from swav_core.training_state import (
@@ -99,6 +89,7 @@ def train(
     started_at: float | None = None,
     prepared_dir: Path | None = None,
     fetch_shard: ShardFetch | None = None,
+    start_weights: Path | None = None,
 ) -> TrainResult:
     """Pretrain SwAV on the images under `data_dir`, checkpointing into `run_dir`.
 
@@ -107,13 +98,17 @@ def train(
     images, with a "warning" event saying why. When `data_dir` is absent the copy alone
     is read, its missing shards brought by `fetch_shard` (a worker streaming them).
 
+    A fresh run (no checkpoint to resume) starts from `start_weights` when given: a
+    checkpoint, a model export or a backbone state dict (swav_core/start_weights.py); a
+    resumed run keeps its checkpoint's weights.
+
     Resumes from the newest valid checkpoint in run_dir when `resume`. `should_stop` is
     polled after every step; when it returns True on any rank the run checkpoints and
     returns with status "stopped". A `budget_s` counts from `started_at` (a `time.time()`,
     e.g. when a worker launched this process; default: now) until a resume, which counts
     the time its checkpoint had spent. Raises `NonFiniteLossError`, `DataError`,
-    `ConfigError`, `CheckpointError` or `CollapsedError` for failures that a retry would
-    repeat.
+    `ConfigError`, `CheckpointError`, `CollapsedError` or `InvalidWeightsError` for
+    failures that a retry would repeat.
     """
     since = 0.0 if started_at is None else max(0.0, time.time() - started_at)
     with distributed_context(device) as ctx:
@@ -121,6 +116,7 @@ def train(
             config, Path(data_dir), Path(run_dir), callbacks, should_stop, resume, ctx, since,
             prepared_dir=None if prepared_dir is None else Path(prepared_dir),
             fetch_shard=fetch_shard,
+            start_weights=None if start_weights is None else Path(start_weights),
         )
 
 
@@ -135,6 +131,7 @@ def _train(
     spent_s: float = 0.0,
     prepared_dir: Path | None = None,
     fetch_shard: ShardFetch | None = None,
+    start_weights: Path | None = None,
 ) -> TrainResult:
     # --- set-up
     started_at = time.monotonic() - spent_s  # a budget counts from here, set-up included
@@ -172,6 +169,7 @@ def _train(
     # --- model
     torch.manual_seed(config.seed)
     model = SwAVModel.from_config(config)
+    check_crop_sizes(model.backbone, config.backbone, config.size_crops)
     if config.sync_bn and ctx.distributed:  # both convert the SwAVModel's children in place
         if device.type == "cuda":
             nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -188,7 +186,8 @@ def _train(
     # --- optimiser and resume
     run = TrainingState(config, model, ctx, steps_per_epoch)
     run.started_at = started_at
-    if resume and (loaded := load_latest_checkpoint(run_dir, map_location="cpu")) is not None:
+    loaded = load_latest_checkpoint(run_dir, map_location="cpu") if resume else None
+    if loaded is not None:
         state, resumed_from = loaded
         config = run.config = recovered(config, state)
         check_resumable(state["config"], config)
@@ -200,6 +199,10 @@ def _train(
             )
         run.load_state_dict(state)
         emit("resumed", step=run.step, epoch=run.epoch, checkpoint=str(resumed_from.path))
+    elif start_weights is not None:
+        loaded_what = load_start_weights(model, start_weights)
+        run.initial = {k: v.clone() for k, v in model.state_dict().items()}  # a restart's too
+        emit("start_weights", loaded=loaded_what)
 
     saved_at: dict[str, Any] = {"step": None, "info": None}
 
@@ -317,7 +320,7 @@ def _train(
                 )
                 window_start, window_steps_done = time.perf_counter(), 0
             if collapsed:
-                config, frozen_until = _roll_back(run, monitor, frozen_until, run_dir, emit)
+                config, frozen_until = roll_back(run, monitor, frozen_until, run_dir, emit)
                 saved_at.update(step=None, info=None)
                 checkpoint()  # records the rollback, so that a resume keeps it
                 monitor = collapse_monitor()
@@ -347,55 +350,3 @@ def _train(
     emit("finished", step=run.step, total_steps=run.total_steps, loss=run.loss)
     return TrainResult("completed", run.step, run.total_steps, run.epoch, run.loss, saved)
 
-
-def _roll_back(
-    run: TrainingState,
-    monitor: CollapseMonitor,
-    frozen_until: int,
-    run_dir: Path,
-    emit: EventSink,
-) -> tuple[TrainConfig, int]:
-    """Restore the last checkpoint before the collapse with `recovered_config`; the new
-    (config, frozen_until). Raises CollapsedError once MAX_RECOVERIES are spent."""
-    collapsed_at = run.step
-    if len(run.recoveries) >= MAX_RECOVERIES:
-        emit("warning", code="collapsed", step=collapsed_at, message="the features collapsed")
-        raise CollapsedError(collapsed_at, len(run.recoveries))
-    good = [
-        info
-        for info in list_checkpoints(run_dir)
-        if not info.final and info.step is not None and info.step <= monitor.onset_step
-    ]
-    for info in list_checkpoints(run_dir):  # checkpoints of the collapsed stretch
-        if info.final or info.step is None or info.step > monitor.onset_step:
-            info.path.unlink(missing_ok=True)
-            sidecar_path(info.path).unlink(missing_ok=True)
-    recoveries, fit, started_at = run.recoveries, run.fit, run.started_at
-    if good:
-        run.load_state_dict(load_checkpoint(good[0].path, map_location="cpu"))
-    else:
-        run.restart_from_scratch(run.config.seed)
-    new_config = recovered_config(run.config, max(frozen_until, run.step + monitor.window))
-    overrides = {
-        "epsilon": new_config.epsilon,
-        "freeze_prototypes": new_config.freeze_prototypes,
-        "freeze_prototypes_unit": new_config.freeze_prototypes_unit,
-    }
-    run.fit, run.started_at = fit, started_at  # the budget is wall time: no refund
-    run.recoveries = [*recoveries, {"at_step": collapsed_at, "overrides": overrides}]
-    run.config = new_config
-    emit(
-        "collapse_recovery",
-        collapsed_at_step=collapsed_at,
-        restart_step=run.step,
-        attempt=len(run.recoveries),
-        max_attempts=MAX_RECOVERIES,
-        epsilon=new_config.epsilon,
-        freeze_prototypes=new_config.freeze_prototypes,
-        message=(
-            f"sustained collapse at step {collapsed_at}: back to step {run.step} with "
-            f"epsilon {new_config.epsilon:g} and the prototypes frozen until step "
-            f"{new_config.freeze_prototypes}"
-        ),
-    )
-    return new_config, new_config.freeze_prototypes

@@ -149,6 +149,27 @@ def test_an_orphan_pin_is_removed_by_the_next_prune(tmp_path: Path) -> None:
     assert names(tmp_path) == {"step-000000010.pt", "step-000000010.pt.sha256"}
 
 
+def test_a_pruned_checkpoint_takes_its_exports_with_it(tmp_path: Path) -> None:
+    """Exports made for downloads go with their checkpoint when it is pruned; one written
+    after its checkpoint was pruned (a download racing the trainer) goes at the next save."""
+    first = save_checkpoint(tmp_path, small_state(10), step=10, keep_last=1)
+    for suffix in (".onnx", ".timm.safetensors", ".model.safetensors", ".backbone.safetensors"):
+        first.path.with_name("step-000000010" + suffix).write_bytes(b"export")
+    final = save_checkpoint(tmp_path, small_state(15), step=15, keep_last=1, final=True)
+    final.path.with_name("final.onnx").write_bytes(b"export")
+    save_checkpoint(tmp_path, small_state(20), step=20, keep_last=1)
+    kept = {"final.pt", "final.pt.sha256", "final.onnx"}
+    assert names(tmp_path) == kept | {"step-000000020.pt", "step-000000020.pt.sha256"}
+
+    (checkpoint_dir(tmp_path) / "step-000000020.onnx").write_bytes(b"export")
+    (checkpoint_dir(tmp_path) / "step-000000010.onnx").write_bytes(b"late export")
+    save_checkpoint(tmp_path, small_state(30), step=30, keep_last=2)
+    assert names(tmp_path) == kept | {
+        "step-000000020.pt", "step-000000020.pt.sha256", "step-000000020.onnx",
+        "step-000000030.pt", "step-000000030.pt.sha256",
+    }
+
+
 _KILL_DURING_SAVE = textwrap.dedent(
     """
     import os, signal, sys

@@ -3,6 +3,8 @@ with a reason; counted costs agree with published figures."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from pydantic import ValidationError
 
@@ -108,3 +110,27 @@ def test_derived_choices_follow_the_fields_the_user_gave() -> None:
     assert config.freeze_prototypes == max(20, round(0.02 * 20 * 5000 / 32))
     batch, _ = resolve_config(None, {"batch_size": 64}, MNIST, CPU)
     assert batch.base_lr == pytest.approx(0.2)  # scaled from 0.1 at 32
+
+
+def test_a_backbone_without_batch_norm_gets_adamw() -> None:
+    """ConvNeXt and ViTs (LayerNorm only) get AdamW at 3e-4 x sqrt(batch / 32); networks
+    with batch norm keep SGD (LARS at large batch); an optimiser the user gives wins."""
+    config, reasons = resolve_config(
+        None, {"backbone": "timm/convnext_atto", "budget_s": 600}, MNIST, CPU
+    )
+    assert config.optimizer == "adamw" and config.weight_decay == 0.05
+    assert config.batch_size == 32 and config.base_lr == pytest.approx(3e-4)
+    assert config.final_lr == pytest.approx(3e-6)
+    assert "no batch norm" in reasons["optimizer"]
+    large, _ = resolve_config(
+        None, {"backbone": "timm/vit_tiny_patch16_224", "batch_size": 1024}, PHOTOS, GPU, ranks=8
+    )
+    assert large.optimizer == "adamw"
+    assert large.base_lr == pytest.approx(3e-4 * math.sqrt(1024 / 32), rel=1e-4)
+    for with_bn in ("resnet18", "timm/efficientnet_b0", "torchvision/efficientnet_b0"):
+        assert resolve_config(None, {"backbone": with_bn}, MNIST, CPU)[0].optimizer == "sgd"
+    assert auto_recipe(MNIST, CPU, budget_s=600).config().optimizer == "sgd"
+    given, _ = resolve_config(
+        None, {"backbone": "timm/convnext_atto", "optimizer": "sgd"}, MNIST, CPU
+    )
+    assert given.optimizer == "sgd" and given.base_lr == pytest.approx(0.1)
