@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from api.errors import ApiError
 from api.limits import short_tasks_left, storage_left
 from api.lookups import find_job, pick_checkpoint, ready_dataset
-from api.schemas import EmbeddingJobCreate
+from api.schemas.artifacts import EmbeddingJobCreate
 from swav_service.dispatch import enqueue_embedding
 from swav_service.models import ACTIVE_EMBEDDING_JOB_STATUSES, EmbeddingJob, new_id
 from swav_service.quota import lock_tenant

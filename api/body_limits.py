@@ -8,7 +8,7 @@ read to at most one byte over its own cap.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
@@ -30,21 +30,26 @@ def _payload_too_large(cap: int) -> ApiError:
     )
 
 
-async def capped_stream(request: Request, cap: int) -> AsyncGenerator[bytes, None]:
-    """The request body's chunks; ApiError 413 once more than `cap` bytes are announced
-    or received, 400 `client_disconnected` if the client goes away."""
+async def capped_stream(
+    request: Request,
+    cap: int,
+    too_large: Callable[[int], ApiError] = _payload_too_large,
+    interrupted: str = "the request was interrupted",
+) -> AsyncGenerator[bytes, None]:
+    """The request body's chunks; `too_large(cap)` (a 413) once more than `cap` bytes are
+    announced or received, 400 `client_disconnected` if the client goes away."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > cap:
-        raise _payload_too_large(cap)
+        raise too_large(cap)
     received = 0
     try:
         async for chunk in request.stream():
             received += len(chunk)
             if received > cap:
-                raise _payload_too_large(cap)
+                raise too_large(cap)
             yield chunk
     except ClientDisconnect as exc:
-        raise ApiError(400, "client_disconnected", "the request was interrupted") from exc
+        raise ApiError(400, "client_disconnected", interrupted) from exc
 
 
 async def read_capped(upload: UploadFile, limit: int, param: str) -> bytes:

@@ -41,7 +41,7 @@ from api.errors import ApiError
 from api.image_inputs import checked_payloads, decode_image
 from api.model_cache import LoadedModel, ModelCache, load_entry
 from api.model_resolution import ResolvedModel, model_gone, resolve_model
-from api.schemas import Layer
+from api.schemas.common import Layer
 from swav_core.errors import CheckpointError
 from swav_service.settings import Settings, get_settings
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError, not_found
 from swav_service.db import begin_writing
-from swav_service.models import DELETED_DATASET, Checkpoint, Dataset, EmbeddingJob, Job
+from swav_service.models import DELETED_DATASET, Checkpoint, Dataset, EmbeddingJob, Job, Weights
 from swav_service.settings import Settings
 from swav_service.storage import artifact_store
 
@@ -132,6 +132,14 @@ def model_not_ready(job: Job, param: str) -> ApiError:
         "written one (see GET /v1/jobs/{job_id}/checkpoints)",
         param,
     )
+
+
+def find_weights(session: Session, tenant: str, weights_id: str, param: str) -> Weights:
+    """The tenant's uploaded weights, or ApiError 404 naming `param`."""
+    row = session.scalar(select(Weights).where(Weights.id == weights_id, Weights.tenant == tenant))
+    if row is None:
+        raise not_found("weights", param, weights_id)
+    return row
 
 
 def find_embedding_job(session: Session, tenant: str, embedding_job_id: str) -> EmbeddingJob:

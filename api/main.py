@@ -18,6 +18,7 @@ from api.metrics import install_metrics
 from api.openapi import build_openapi
 from api.request_guard import RequestGuard
 from api.routes import (
+    backbones,
     checkpoints,
     datasets,
     embedding_jobs,
@@ -26,6 +27,7 @@ from api.routes import (
     health,
     jobs,
     usage,
+    weights,
 )
 from swav_service.dispatch import prepare_broker
 from swav_service.settings import get_settings
@@ -87,7 +89,8 @@ def create_app() -> FastAPI:
     # Authenticated at the router too, so a new /v1 route cannot forget it.
     authenticated = [Depends(get_tenant)]
     for module in (
-        datasets, jobs, events, checkpoints, embeddings, embedding_jobs, usage, explorer
+        datasets, jobs, events, checkpoints, embeddings, embedding_jobs, usage, weights,
+        explorer, backbones
     ):
         app.include_router(module.router, dependencies=authenticated)
     register_error_handlers(app)

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from api.schemas import ErrorResponse
+from api.schemas.common import ErrorResponse
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 UNAUTHORIZED = "No API key, or an unknown or revoked one (`unauthorized`)."

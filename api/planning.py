@@ -98,6 +98,8 @@ def plan_job(
     nodes: int,
 ) -> Plan:
     """The job's config and the reasons of auto's choices, or ApiError 422 naming the field."""
+    from swav_core.crop_fit import crop_size_problem
+    from swav_core.errors import ConfigError
     from swav_core.recipe import AUTO, resolve_config
 
     machines = live_machines(session, settings, gpus)
@@ -115,6 +117,13 @@ def plan_job(
         ) from exc
     except ValidationError as exc:
         raise validation_error(exc.errors(), prefix="config", code="invalid_config") from exc
+    except ConfigError as exc:  # auto found no crop sides the given backbone takes
+        raise ApiError(422, "invalid_config", f"config.size_crops: {exc}",
+                       "config.size_crops") from exc
+    problem = crop_size_problem(config.backbone, config.size_crops)
+    if problem is not None:
+        raise ApiError(422, "invalid_config", f"config.size_crops: {problem}",
+                       "config.size_crops")
     over = exceeded_limits(config, settings, dataset.num_images or 0)
     if over:
         field = f"config.{over[0].field}"

@@ -34,6 +34,7 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 OWN_BODY_CAPS = (
     ("POST", re.compile(r"/v1/datasets/?")),  # the archive: max_upload_bytes, streamed
+    ("POST", re.compile(r"/v1/weights/?")),  # the file: max_weights_bytes, streamed
     ("POST", re.compile(r"/v1/embeddings/?")),  # images: api/body_limits.py
     ("POST", re.compile(r"/v1/jobs/[^/]+/neighbours/?")),  # one image: api/body_limits.py
 )

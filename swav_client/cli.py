@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from swav_client.commands import checkpoints, datasets, embeddings, jobs
+from swav_client.commands import backbones, checkpoints, datasets, embeddings, jobs, weights
 from swav_client.commands.options import JsonFlag, Options
 from swav_client.session import DEFAULT_URL
 
@@ -27,7 +27,9 @@ app = typer.Typer(
 app.add_typer(datasets.app, name="datasets")
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(checkpoints.app, name="checkpoints")
+app.add_typer(weights.app, name="weights")
 app.command("embed")(embeddings.embed)
+app.command("backbones")(backbones.backbones)
 
 
 @app.callback()

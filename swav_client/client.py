@@ -22,7 +22,17 @@ import numpy as np
 from swav_client.errors import ApiError, ChecksumMismatch, ServerUnreachable
 from swav_client.session import ApiSession, backoff_s
 from swav_client.sse import parse_sse
-from swav_client.types import Checkpoint, Dataset, Embeddings, Event, Job, JobPlan, Page
+from swav_client.types import (
+    Backbones,
+    Checkpoint,
+    Dataset,
+    Embeddings,
+    Event,
+    Job,
+    JobPlan,
+    Page,
+    Weights,
+)
 from swav_client.upload import TransferProgress, upload_body
 
 # The events stream sends a keep-alive every 15 s (api/routes/events.py): 60 s of silence
@@ -30,7 +40,7 @@ from swav_client.upload import TransferProgress, upload_body
 STREAM_TIMEOUT = httpx.Timeout(10.0, read=60.0)
 EMBED_BATCH = 64  # the server's default SWAV_MAX_EMBEDDING_ITEMS
 PAGE_LIMIT = 200  # the largest page the API gives (api/pagination.py MAX_LIMIT)
-DOWNLOAD_FORMATS = ("full", "safetensors", "backbone")
+DOWNLOAD_FORMATS = ("full", "safetensors", "backbone", "timm", "onnx")
 
 
 def attachment_name(response: httpx.Response) -> str | None:
@@ -116,11 +126,14 @@ class SwavClient(ApiSession):
         keep_best_by: str | None = None,
         max_attempts: int | None = None,
         max_runtime_s: float | None = None,
+        start_from: dict[str, str] | None = None,
     ) -> Job:
         """Submit a training job; `config` overrides the preset's TrainConfig fields.
 
         `resources` is {"gpus": N, "nodes": M}; `keep_best_by`, `max_attempts` and
         `max_runtime_s` are the job options of `POST /v1/jobs` (server defaults if None).
+        `start_from` is {"checkpoint_id": ...} or {"weights_id": ...} (`upload_weights`):
+        the run starts from those weights instead of random ones.
 
         Every call sends an Idempotency-Key (a new random one unless given): retries of
         this call reuse it, and so may a caller that repeats the call with the same key.
@@ -130,6 +143,7 @@ class SwavClient(ApiSession):
             ("preset", preset), ("name", name), ("metadata", metadata),
             ("resources", resources), ("keep_best_by", keep_best_by),
             ("max_attempts", max_attempts), ("max_runtime_s", max_runtime_s),
+            ("start_from", start_from),
         )
         for key, value in options:
             if value is not None:
@@ -155,6 +169,42 @@ class SwavClient(ApiSession):
         if resources is not None:
             payload["resources"] = resources
         return self._post("/v1/jobs", JobPlan, idempotent=True, json=payload)
+
+    # ------------------------------------------------------------------ weights
+
+    def upload_weights(
+        self, path: str | Path, name: str | None = None, progress: TransferProgress | None = None
+    ) -> Weights:
+        """Upload a .safetensors state dict (e.g. a backbone export, torchvision or timm
+        weights) that jobs may start from with `start_from={"weights_id": ...}`."""
+        path = Path(path)
+        size = path.stat().st_size  # FileNotFoundError before anything is sent
+
+        def chunks() -> Iterator[bytes]:
+            sent = 0
+            with open(path, "rb") as file:
+                while data := file.read(1 << 20):
+                    sent += len(data)
+                    if progress is not None:
+                        progress(sent, size)
+                    yield data
+
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        # Not idempotent: never resent after the body may have reached the server.
+        return self._post(
+            "/v1/weights", Weights, headers=headers, params={"name": name or path.stem},
+            body=lambda: {"content": chunks()},
+            timeout=httpx.Timeout(60.0, connect=10.0, write=300.0),
+        )
+
+    def list_weights(self, limit: int | None = None, cursor: str | None = None) -> Page[Weights]:
+        return self._get("/v1/weights", Page[Weights], limit=limit, cursor=cursor)
+
+    def get_weights(self, weights_id: str) -> Weights:
+        return self._get(f"/v1/weights/{weights_id}", Weights)
+
+    def delete_weights(self, weights_id: str) -> None:
+        self._send("DELETE", f"/v1/weights/{weights_id}", idempotent=False)
 
     def get_job(self, job_id: str) -> Job:
         return self._get(f"/v1/jobs/{job_id}", Job)
@@ -222,6 +272,12 @@ class SwavClient(ApiSession):
                 response.close()
 
     # ------------------------------------------------------------------ checkpoints
+
+    # ------------------------------------------------------------------ backbones
+
+    def list_backbones(self, contains: str | None = None, family: str | None = None) -> Backbones:
+        """Backbone names a job may give (`own`, `timm` or `torchvision` family)."""
+        return self._get("/v1/backbones", Backbones, contains=contains, family=family)
 
     def list_checkpoints(
         self, job_id: str, limit: int | None = None, cursor: str | None = None

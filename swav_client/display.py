@@ -28,7 +28,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from swav_client.types import Checkpoint, Dataset, Event, Job, JobPlan, Page, Resource
+from swav_client.types import Checkpoint, Dataset, Event, Job, JobPlan, Page, Resource, Weights
 from swav_client.upload import TransferProgress
 
 out = Console(highlight=False)
@@ -189,9 +189,30 @@ def job_details(j: Job) -> Table:
         ("attempt", j.attempt), ("created", when(j.created_at)),
         ("started", when(j.started_at)), ("finished", when(j.finished_at)),
     ]
+    if j.start_from:
+        start = j.start_from.get("checkpoint_id") or j.start_from.get("weights_id")
+        rows.insert(5, ("starts from", start))
     if j.error is not None:
         rows.append(("error", f"{j.error.code}: {j.error.message}"))
     return details(rows)
+
+
+def weights_table(weights: Iterable[Weights]) -> Table:
+    table = Table("id", "name", "backbone", "tensors", "size", "created")
+    for w in weights:
+        table.add_row(*cells(
+            w.id, w.name, w.backbone or "-", w.num_tensors, human_bytes(w.size_bytes),
+            when(w.created_at),
+        ))
+    return table
+
+
+def weights_details(w: Weights) -> Table:
+    return details([
+        ("id", w.id), ("name", w.name), ("backbone", w.backbone or "-"),
+        ("tensors", w.num_tensors), ("size", human_bytes(w.size_bytes)), ("sha256", w.sha256),
+        ("created", when(w.created_at)),
+    ])
 
 
 def plan_details(plan: JobPlan) -> Table:

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 TERMINAL_JOB_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -72,6 +72,8 @@ class Job(Resource):
     keep_best_by: str | None = None
     max_attempts: int | None = None
     max_runtime_s: float | None = None
+    # {"checkpoint_id": ..., "weights_id": ...}: what the run started from (one is set).
+    start_from: dict[str, str | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -119,6 +121,24 @@ class Checkpoint(Resource):
     sha256: str
     metrics: dict[str, Any] | None = None
     quality: dict[str, Any] | None = None
+    export_formats: list[str] = Field(default_factory=list)  # the `--format`s it downloads in
+    created_at: datetime
+
+
+class Backbones(Resource):
+    """Names `config.backbone` accepts: ours, then `timm/...`, then `torchvision/...`."""
+
+    data: list[str]
+    versions: dict[str, str]
+
+
+class Weights(Resource):
+    id: str
+    name: str
+    size_bytes: int
+    sha256: str
+    num_tensors: int
+    backbone: str | None = None
     created_at: datetime
 
 

@@ -7,6 +7,7 @@ and names from here instead of repeating them:
     datasets/<dataset_id>/images/            the validated images of an ingested dataset
     datasets/<dataset_id>/prepared/          the same images decoded (swav_core/prepared.py)
     jobs/<job_id>/run/                       a training run (checkpoints/, events, logs)
+    weights/<weights_id>.safetensors         uploaded weights that jobs may start from
     embeddings/<embedding_job_id>/           a batch embedding job's two files:
         embeddings.npy                       N x D float32 rows
         index.json                           the N image paths, row i is the image at [i]
@@ -43,3 +44,8 @@ def job_run_dir(settings: Settings, job_id: str) -> Path:
 def embeddings_dir(settings: Settings, embedding_job_id: str) -> Path:
     """The folder of a batch embedding job's `EMBEDDINGS_FILE` and `INDEX_FILE`."""
     return settings.artifacts / "embeddings" / embedding_job_id
+
+
+def weights_path(settings: Settings, weights_id: str) -> Path:
+    """An uploaded weights file (a safetensors state dict a job may start from)."""
+    return settings.artifacts / "weights" / f"{weights_id}.safetensors"

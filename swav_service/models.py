@@ -140,6 +140,10 @@ class Job(Base):
     # Resources: ranks per node (GPUs, or CPU processes on a worker without one) and nodes.
     gpus: Mapped[int] = mapped_column(Integer, default=1)
     nodes: Mapped[int] = mapped_column(Integer, default=1)
+    # Starting weights of a fresh run: a checkpoint of the tenant's, or uploaded weights
+    # (at most one; no foreign key: either may be deleted later, failing only a new run).
+    start_checkpoint_id: Mapped[str | None] = mapped_column(String(40))
+    start_weights_id: Mapped[str | None] = mapped_column(String(40))
 
 
 class JobEvent(Base):
@@ -262,6 +266,24 @@ class StorageReservation(Base):
     tenant: Mapped[str] = mapped_column(String(100), index=True)
     bytes: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Weights(Base):
+    """An uploaded safetensors file of weights that jobs may start from (`path` under the
+    artifacts folder, swav_service/layout.py); its bytes count against the tenant's limit."""
+
+    __tablename__ = "weights"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(100), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    num_tensors: Mapped[int] = mapped_column(Integer)
+    # The 'backbone' the file's metadata names (our exports record it), if any.
+    backbone: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

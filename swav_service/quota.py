@@ -4,8 +4,9 @@
 
 What counts is what the tenant keeps on disk, as the database records it: the archives
 and extracted images of its datasets (every status but `deleted`), its checkpoints still
-on disk with their sidecars and safetensors exports, its finished embedding files, and the
-reservations of its uploads in progress. One query adds them up (`stored_bytes`).
+on disk with their sidecars and safetensors exports, its finished embedding files, its
+uploaded weights files, and the reservations of its uploads in progress. One query adds
+them up (`stored_bytes`).
 
 A check and the write it admits must not interleave with another tenant-mate's, or two
 uploads that each fit alone would both pass: `lock_tenant` serialises them, and an upload
@@ -30,6 +31,7 @@ from swav_service.models import (
     EmbeddingJob,
     Job,
     StorageReservation,
+    Weights,
     new_id,
     utcnow,
 )
@@ -65,10 +67,14 @@ class StoredBytes:
     checkpoints: int
     embeddings: int
     reserved: int
+    weights: int
 
     @property
     def total(self) -> int:
-        return self.archives + self.images + self.checkpoints + self.embeddings + self.reserved
+        return (
+            self.archives + self.images + self.checkpoints + self.embeddings + self.reserved
+            + self.weights
+        )
 
 
 class StorageLimitExceeded(Exception):
@@ -152,6 +158,7 @@ def stored_bytes(
                 EmbeddingJob.status == "succeeded",
             ),
             total(StorageReservation.bytes, *reservations),
+            total(Weights.size_bytes, Weights.tenant == tenant),
         )
     ).one()
     return StoredBytes(*(int(value) for value in row))

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     artifacts_dir: Path | None = Field(None, description="Default: data_dir/artifacts.")
 
     max_upload_bytes: int = Field(2 * 1024**3, description="Dataset archive size cap (413).")
+    max_weights_bytes: int = Field(
+        2 * 1024**3, ge=1, description="Uploaded weights file size cap (413)."
+    )
     max_archive_members: int = Field(200_000, description="Archive members of any kind.")
     max_uncompressed_bytes: int = Field(8 * 1024**3, description="Bytes the archive expands to.")
     max_compression_ratio: float = Field(200.0, description="Expanded / compressed bytes.")

@@ -47,6 +47,7 @@ from worker.launch import NodeLaunch, child_command
 from worker.lease import Lease, LeaseLost, claim
 from worker.ranks import release_ranks
 from worker.relay import Relay
+from worker.start_weights import start_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ NOT_RETRIED = frozenset(
     {
         "invalid_config",
         "invalid_data",
+        "invalid_weights",
         "non_finite_loss",
         "out_of_memory",
         "checkpoint_failed",
@@ -109,6 +111,9 @@ def prepare_run_folder(
         store.restore(run_dir / "checkpoints", exact=True, recorded=recorded)
         if prepared is None and not data_dir.is_dir():
             store.restore(data_dir)
+    start = start_weights_file(job, settings)
+    if start is not None:  # applied only if the run starts fresh (swav_core/trainer.py)
+        spec["start_weights"] = str(start)
     spec["launched_at"] = time.time()  # a budget (config.budget_s) counts from the launch
     return spec
 

@@ -2,10 +2,10 @@
 
 A separate process (own session, so the worker can kill the whole group) keeps CUDA out
 of the worker and lets a stuck run be killed. It reads RUN_DIR/job.json (config, data
-folder and, when training from it, the prepared copy), trains with swav_core, and writes
-RUN_DIR/outcome.json: {"status": "completed"|"stopped"} or {"status": "failed", "error":
-{"code", "message"}}. Events go to RUN_DIR/events.jsonl, which the worker relays into the
-database.
+folder and, when training from them, the prepared copy and the starting weights), trains
+with swav_core, and writes RUN_DIR/outcome.json: {"status": "completed"|"stopped"} or
+{"status": "failed", "error": {"code", "message"}}. Events go to RUN_DIR/events.jsonl,
+which the worker relays into the database.
 
 Under torch's launcher (worker/launch.py: several ranks, or several nodes) every rank runs
 this module; job.json may then name the training folder (`run_dir`, shared by the nodes)
@@ -79,6 +79,7 @@ def main(control_dir: Path) -> int:
             started_at=spec.get("launched_at"),
             prepared_dir=Path(spec["prepared_dir"]) if "prepared_dir" in spec else None,
             fetch_shard=fetch_shard if spec.get("stream_prepared") else None,
+            start_weights=Path(spec["start_weights"]) if "start_weights" in spec else None,
         ).status
         outcome: dict[str, object] = {"status": status}
     except Exception as error:  # every failure is recorded for the worker, with its reason

@@ -20,7 +20,8 @@ from api.batch_embedding import queue_embedding_job
 from api.dashboard.index import ExplorerIndex, IndexCache, load_index
 from api.errors import ApiError
 from api.lookups import find_job, pick_checkpoint, ready_dataset, stored_path
-from api.schemas import EmbeddingJobCreate, Layer
+from api.schemas.artifacts import EmbeddingJobCreate
+from api.schemas.common import Layer
 from swav_service.db import get_sessionmaker
 from swav_service.layout import EMBEDDINGS_FILE, INDEX_FILE
 from swav_service.models import EmbeddingJob

@@ -1,13 +1,17 @@
-"""Checkpoints of a job, and their download as the training state or as safetensors.
+"""Checkpoints of a job, and their download as the training state or as exports.
 
 `full` is the stored training checkpoint (.pt, loads with `torch.load(weights_only=True)`),
-streamed from the S3 store when there is one (swav_service/storage.py).
-`safetensors` (the whole SwAV model, its config in the metadata) and `backbone` (the
-backbone alone, loadable into torchvision) are exported on first request, next to the
-checkpoint (`<name>.model.safetensors`, `<name>.backbone.safetensors`), and reused. The
-export writes atomically, so concurrent first requests are safe, and its bytes count
-against the tenant's stored-bytes limit with the checkpoint (`extra_bytes`). torch is imported only
-when an export is made, so the API starts without it.
+streamed from the S3 store when there is one (swav_service/storage.py). The exports, each
+loading where its users work (swav_core/export_formats.py says which apply to a backbone,
+swav_core/exports.py how each loads): `safetensors` (the whole SwAV model, its config in
+the metadata), `backbone` (our own and torchvision backbones, strict into torchvision),
+`timm` (timm backbones, for `timm.create_model(checkpoint_path=...)`) and `onnx`. A format
+that does not apply to the job's backbone is a 422 naming those that do. Each export is
+made on first request, next to the checkpoint (`<name>.model.safetensors`, `<name>.onnx`,
+...), and reused. The export writes atomically, so concurrent first requests are safe, and
+its bytes count against the tenant's stored-bytes limit with the checkpoint
+(`extra_bytes`). torch is imported only when an export is made, so the API starts without
+it.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError
 from api.lookups import find_checkpoint, find_job, stored_path
 from api.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
-from api.schemas import CheckpointPublic, CheckpointsPublic
-from swav_core.checkpoint_names import sidecar_path
+from api.schemas.artifacts import CheckpointPublic, CheckpointsPublic
+from swav_core.checkpoint_names import beside_paths, export_path
 from swav_core.errors import CheckpointError
+from swav_core.export_formats import EXPORT_SUFFIX, FORMATS, format_problem
 from swav_service.models import Checkpoint
 from swav_service.storage import artifact_store
 
@@ -37,12 +42,11 @@ class DownloadFormat(StrEnum):
     full = "full"
     safetensors = "safetensors"
     backbone = "backbone"
+    timm = "timm"
+    onnx = "onnx"
 
 
-EXPORT_SUFFIX = {
-    DownloadFormat.safetensors: ".model.safetensors",
-    DownloadFormat.backbone: ".backbone.safetensors",
-}
+assert tuple(DownloadFormat) == FORMATS
 
 
 @router.get("/v1/jobs/{job_id}/checkpoints", response_model=CheckpointsPublic)
@@ -82,16 +86,10 @@ def _gone(checkpoint_id: str) -> ApiError:
     )
 
 
-def export_path(checkpoint: Path, fmt: DownloadFormat) -> Path:
-    """`step-000000008.pt` -> `step-000000008.model.safetensors` (or `.backbone...`)."""
-    return checkpoint.with_name(checkpoint.stem + EXPORT_SUFFIX[fmt])
-
-
 def beside_bytes(checkpoint: Path) -> int:
     """The bytes of the files kept beside a checkpoint: its sidecar and its exports (set,
     not added, so that concurrent first exports count once)."""
-    paths = [sidecar_path(checkpoint), *(export_path(checkpoint, fmt) for fmt in EXPORT_SUFFIX)]
-    return sum(p.stat().st_size for p in paths if p.is_file())
+    return sum(p.stat().st_size for p in beside_paths(checkpoint) if p.is_file())
 
 
 def export(checkpoint: Path, fmt: DownloadFormat) -> Path:
@@ -99,17 +97,21 @@ def export(checkpoint: Path, fmt: DownloadFormat) -> Path:
     target = export_path(checkpoint, fmt)
     if target.is_file():
         return target
-    from swav_core.exports import (
-        export_backbone_safetensors,
-        export_model_safetensors,
-        load_model,
-    )
+    from swav_core.exports import load_model, write_export
+    from swav_core.onnx_export import OnnxExportError
 
     model, config = load_model(checkpoint)
-    if fmt is DownloadFormat.safetensors:
-        export_model_safetensors(model, config, target)
-    else:
-        export_backbone_safetensors(model, target, config.backbone)
+    try:
+        write_export(model, config, fmt.value, target)
+    except OnnxExportError as exc:  # the reasons name torch's internals: not for the client
+        raise ApiError(
+            422,
+            "export_unsupported",
+            f"backbone {config.backbone!r} cannot be exported to ONNX by torch's exporters; "
+            "download 'safetensors' or the backbone's weights "
+            f"('{'timm' if config.backbone.startswith('timm/') else 'backbone'}') instead",
+            "format",
+        ) from exc
     return target
 
 
@@ -122,6 +124,11 @@ def export(checkpoint: Path, fmt: DownloadFormat) -> Path:
             "description": "The file; `X-Checksum-SHA256` holds its sha256.",
         },
         410: {"description": "The file was pruned (`checkpoint_gone`)."},
+        422: {
+            "description": "`invalid_request`: the format does not apply to the job's "
+            "backbone (the message names those that do); `export_unsupported`: torch cannot "
+            "export this backbone to ONNX."
+        },
     },
 )
 def download_checkpoint(
@@ -131,10 +138,20 @@ def download_checkpoint(
     tenant: TenantDep,
     format: Annotated[
         DownloadFormat,
-        Query(description="full: training state (.pt); safetensors: model; backbone."),
+        Query(
+            description="full: training state (.pt); safetensors: the whole model; backbone: "
+            "our own and torchvision backbones, for torchvision (strict load_state_dict); "
+            "timm: timm backbones, for timm.create_model(checkpoint_path=...); onnx: the "
+            "backbone, images N x 3 x S x S -> features N x F. The checkpoint's "
+            "`export_formats` lists those that apply."
+        ),
     ] = DownloadFormat.full,
 ) -> Response:
     row = find_checkpoint(session, tenant, checkpoint_id)
+    backbone = str(find_job(session, tenant, row.job_id).config.get("backbone", ""))
+    problem = format_problem(backbone, format.value)
+    if problem is not None:
+        raise ApiError(422, "invalid_request", problem, "format")
     stem = f"{row.job_id}-{Path(row.path).stem}"
     store = artifact_store(settings)
     if store.remote and format is DownloadFormat.full:

@@ -7,7 +7,7 @@ An upload is parsed as it arrives (python-multipart's streaming parser on
 oversized one is refused at its Content-Length or as soon as the count passes the cap.
 The tenant's stored-bytes limit holds under concurrency: at admission the upload reserves
 its Content-Length (or, without one, reserves ahead of what it streams) under the tenant's
-lock (`UploadHold`, swav_service/quota.py), and its dataset row takes the reservation over.
+lock (api/upload_hold.py), and its dataset row takes the reservation over.
 The worker's `ingest_dataset` then extracts and validates it (status `validating` ->
 `ready` or `failed`).
 
@@ -19,8 +19,6 @@ refer to it (their `dataset_id` must stay valid): then the row is kept with stat
 from __future__ import annotations
 
 import shutil
-import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -33,12 +31,12 @@ from starlette.requests import ClientDisconnect
 
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError
-from api.limits import storage_error, storage_left, storage_refused
 from api.lookups import find_dataset
 from api.openapi import BINARY, form_body
 from api.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
 from api.responses import STORAGE_LIMIT
-from api.schemas import DatasetPublic, DatasetsPublic
+from api.schemas.artifacts import DatasetPublic, DatasetsPublic
+from api.upload_hold import RESERVE_STEP, UploadHold, declared_bytes, upload_cap
 from api.upload_parser import UploadParser, dataset_name, upload_too_large
 from swav_service import quota
 from swav_service.dispatch import enqueue_ingest
@@ -52,8 +50,6 @@ from swav_service.models import (
     new_id,
     utcnow,
 )
-from swav_service.quota import RESERVATION_RENEW_S, StorageLimitExceeded
-from swav_service.settings import Settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -61,7 +57,6 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 # multipart caps each at 4 KiB) and the short `name` field.
 MULTIPART_OVERHEAD = 16 * 1024
 FLUSH_BYTES = 1 << 20  # hand the parser 1 MiB at a time, off the event loop
-RESERVE_STEP = 64 << 20  # a streamed upload without a length reserves this much at a time
 
 
 UPLOAD_BODY = form_body(
@@ -104,21 +99,18 @@ async def upload_dataset(
     boundary = options.get(b"boundary")
     if not boundary:
         raise ApiError(400, "invalid_multipart", "the Content-Type header has no boundary")
-    cap = settings.max_upload_bytes
-    too_large: Callable[[], ApiError] = partial(upload_too_large, cap)
-    left = await run_in_threadpool(_storage_left, session, settings, tenant)
-    if left is not None and left < cap:  # the tenant's stored-bytes limit binds first: 403
-        limit = settings.tenant_max_stored_bytes
-        cap, too_large = left, partial(storage_error, limit - left, limit, left)
+    allowed = await run_in_threadpool(
+        upload_cap, session, settings, tenant, settings.max_upload_bytes,
+        partial(upload_too_large, settings.max_upload_bytes),
+    )
+    cap, too_large = allowed.nbytes, allowed.too_large
     body_cap = cap + MULTIPART_OVERHEAD
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > body_cap:
         raise too_large()
-    # Held from here until the dataset row counts the archive: a concurrent upload of the
-    # tenant sees these bytes as taken. Without a Content-Length it grows as bytes arrive.
-    declared = min(int(length), cap) if length.isdigit() else 0
+    # Held from here until the dataset row counts the archive.
     hold = UploadHold(session, settings, tenant, cap)
-    await run_in_threadpool(hold.grow, declared)
+    await run_in_threadpool(hold.grow, declared_bytes(length, cap))
 
     dataset_id = new_id("ds")
     folder = settings.dataset_dir(dataset_id)
@@ -189,48 +181,6 @@ async def upload_dataset(
             "upload it again later",
         ) from exc
     return DatasetPublic.from_row(row)
-
-
-def _storage_left(session: Session, settings: Settings, tenant: str) -> int | None:
-    """`storage_left`, then the connection goes back to the pool while the body streams."""
-    try:
-        return storage_left(session, settings, tenant)
-    finally:
-        session.rollback()
-
-
-class UploadHold:
-    """An upload's reservation of stored bytes (swav_service/quota.py): grown before the
-    bytes it covers are written, renewed while the body streams, dropped at the end."""
-
-    def __init__(self, session: Session, settings: Settings, tenant: str, cap: int) -> None:
-        self.session, self.settings, self.tenant, self.cap = session, settings, tenant, cap
-        self.reservation_id: str | None = None
-        self.held = 0
-        self.renewed_at: float | None = None
-
-    def grow(self, needed: int, step: int = 0) -> None:
-        """Hold at least `needed` bytes (`step` more at a time, at most the cap); 403 if
-        they do not fit. The first call checks the limit even for 0 bytes."""
-        due = self.renewed_at is None or time.monotonic() - self.renewed_at >= RESERVATION_RENEW_S
-        if needed <= self.held and not due:
-            return
-        target = min(self.cap, max(needed, self.held + step)) if needed > self.held else self.held
-        try:
-            self.reservation_id = quota.reserve(
-                self.session, self.settings, self.tenant, target, self.reservation_id
-            )
-        except StorageLimitExceeded as error:
-            raise storage_refused(error) from error
-        self.held, self.renewed_at = target, time.monotonic()
-
-    def drop(self) -> None:
-        if self.reservation_id is not None:
-            try:
-                quota.release(self.session, self.reservation_id)
-                self.session.commit()
-            finally:
-                self.session.rollback()
 
 
 def _broker_failed(session: Session, row: Dataset, folder: Path) -> None:

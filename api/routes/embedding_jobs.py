@@ -35,7 +35,7 @@ from api.lookups import (
     stored_path,
 )
 from api.responses import BROKER_UNAVAILABLE, CHECKPOINT_GONE, STORAGE_LIMIT, TOO_MANY_TASKS
-from api.schemas import CheckpointPublic, EmbeddingJobCreate, EmbeddingJobPublic
+from api.schemas.artifacts import CheckpointPublic, EmbeddingJobCreate, EmbeddingJobPublic
 from swav_service.dispatch import enqueue_evaluation
 from swav_service.job_state import evaluation_request
 from swav_service.layout import EMBEDDINGS_FILE, INDEX_FILE

@@ -23,7 +23,7 @@ from api.errors import ApiError, validation_error
 from api.limits import limit_rate
 from api.openapi import BINARY, form_body
 from api.responses import CHECKPOINT_GONE, RATE_LIMITED
-from api.schemas import Layer
+from api.schemas.common import Layer
 from swav_service.settings import Settings
 
 router = APIRouter(tags=["embeddings"])

@@ -26,7 +26,7 @@ from api.deps import SessionDep, SettingsDep, TenantDep, bearer_key
 from api.limits import StreamSlots, too_many_streams
 from api.lookups import find_job
 from api.pagination import DEFAULT_LIMIT, MAX_LIMIT
-from api.schemas import EventPublic, EventsPublic
+from api.schemas.jobs import EventPublic, EventsPublic
 from swav_service.db import get_sessionmaker
 from swav_service.models import MAX_INTEGER, TERMINAL_JOB_STATUSES, Job, JobEvent
 

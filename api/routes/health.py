@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from api.deps import SettingsDep
 from api.errors import ApiError
-from api.schemas import Health, Readiness
+from api.schemas.common import Health, Readiness
 from swav_service.db import get_engine
 from swav_service.settings import Settings
 

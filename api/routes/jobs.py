@@ -32,13 +32,8 @@ from api.lookups import find_dataset, find_job
 from api.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
 from api.planning import Plan, estimates, plan_job
 from api.responses import ACTIVE_JOBS_LIMIT, STORAGE_LIMIT, Responses
-from api.schemas import (
-    CostEstimatePublic,
-    JobCreate,
-    JobPlanPublic,
-    JobPublic,
-    JobsPublic,
-)
+from api.schemas.jobs import CostEstimatePublic, JobCreate, JobPlanPublic, JobPublic, JobsPublic
+from api.start_from import check_start_from
 from swav_service.dispatch import enqueue_job
 from swav_service.job_state import append_event, change_status
 from swav_service.models import (
@@ -90,9 +85,11 @@ def _enqueue_or_fail(session: Session, job_id: str) -> None:
     responses={
         **DRY_RUN_PLAN,
         **STORAGE_LIMIT,
-        404: {"description": "No such dataset."},
+        404: {"description": "No such dataset, or start_from's checkpoint or weights."},
         409: {"description": "`dataset_not_ready`, or `idempotency_conflict`."},
-        422: {"description": "`invalid_config` (param names the field) or `invalid_request`."},
+        410: {"description": "`checkpoint_gone`: start_from's checkpoint left the disk."},
+        422: {"description": "`invalid_config` (param names the field), `invalid_request`, "
+              "or `invalid_weights` (start_from of another backbone)."},
         **ACTIVE_JOBS_LIMIT,
     },
 )
@@ -133,6 +130,11 @@ def create_job(
             "invalid_request",
             f"metadata: at most {MAX_METADATA_BYTES} bytes of JSON",
             "metadata",
+        )
+    start_checkpoint_id, start_weights_id = (None, None)
+    if payload.start_from is not None:
+        start_checkpoint_id, start_weights_id = check_start_from(
+            session, settings, tenant, payload.start_from, config
         )
     lock_tenant(session, tenant)  # until commit: the count below stays true for the insert
     check_active_jobs(session, settings, tenant)
@@ -176,6 +178,8 @@ def create_job(
         max_runtime_s=payload.max_runtime_s,
         gpus=payload.resources.gpus,
         nodes=payload.resources.nodes,
+        start_checkpoint_id=start_checkpoint_id,
+        start_weights_id=start_weights_id,
     )
     session.add(job)
     session.flush()
@@ -218,6 +222,8 @@ def plan_only(payload: JobCreate, session: Session, settings: Any, tenant: str) 
                        "dataset_id")
     gpus, nodes = payload.resources.gpus, payload.resources.nodes
     plan = plan_job(session, settings, dataset, payload.preset, payload.overrides(), gpus, nodes)
+    if payload.start_from is not None:
+        check_start_from(session, settings, tenant, payload.start_from, plan.config)
     return JobPlanPublic(
         preset=plan.preset,
         config=plan.config,

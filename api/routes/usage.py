@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.schemas import UsagePublic
+from api.schemas.artifacts import UsagePublic
 from swav_service.quota import stored_bytes
 
 router = APIRouter(prefix="/v1/usage", tags=["usage"])
@@ -24,4 +24,5 @@ def get_usage(session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> 
         checkpoints_bytes=used.checkpoints,
         embeddings_bytes=used.embeddings,
         reserved_bytes=used.reserved,
+        weights_bytes=used.weights,
     )

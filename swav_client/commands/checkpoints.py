@@ -37,7 +37,10 @@ def checkpoints_download(
     checkpoint_id: str,
     format: Annotated[
         str, typer.Option(help="full: training state (.pt); safetensors: the model; "
-                          "backbone: torchvision-loadable backbone.")
+                          "backbone: for torchvision (our own and torchvision backbones); "
+                          "timm: for timm.create_model(checkpoint_path=...) (timm "
+                          "backbones); onnx: the backbone for onnxruntime. The checkpoint's "
+                          "export_formats lists those that apply.")
     ] = "full",
     out: Annotated[
         Path, typer.Option(help="A file, or a folder for the server's file name.")

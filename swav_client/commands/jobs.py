@@ -86,10 +86,27 @@ def jobs_submit(
     max_runtime: Annotated[
         float | None, typer.Option(help="Seconds of running time before `timeout`.")
     ] = None,
+    start_checkpoint: Annotated[
+        str | None,
+        typer.Option("--start-from-checkpoint",
+                     help="Start from this checkpoint of one of your jobs."),
+    ] = None,
+    start_weights: Annotated[
+        str | None,
+        typer.Option("--start-from-weights", help="Start from these uploaded weights "
+                     "(swav weights upload)."),
+    ] = None,
     follow_job: FollowFlag = False,
     json_output: JsonFlag = False,
 ) -> None:
     """Submit a training job on a dataset."""
+    if start_checkpoint is not None and start_weights is not None:
+        raise typer.BadParameter("give one of --start-from-checkpoint and --start-from-weights")
+    start_from = (
+        {"checkpoint_id": start_checkpoint} if start_checkpoint is not None
+        else {"weights_id": start_weights} if start_weights is not None
+        else None
+    )
     opts = options(ctx, json_output)
     try:
         config = parse_settings(settings or [])
@@ -109,7 +126,7 @@ def jobs_submit(
         job = client.create_job(
             dataset, preset=preset, config=config, name=name, idempotency_key=idempotency_key,
             resources={"gpus": gpus, "nodes": nodes}, keep_best_by=keep_best_by,
-            max_attempts=max_attempts, max_runtime_s=max_runtime,
+            max_attempts=max_attempts, max_runtime_s=max_runtime, start_from=start_from,
         )
         if follow_job:
             display.print_notice(f"submitted {job.id}")

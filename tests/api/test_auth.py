@@ -27,7 +27,7 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from swav_service.models import ApiKey, Checkpoint, Dataset, EmbeddingJob, Job, new_id
+from swav_service.models import ApiKey, Checkpoint, Dataset, EmbeddingJob, Job, Weights, new_id
 from swav_service.quota import human_bytes
 from tests.api.conftest import Deployment, assert_error
 from tests.conftest import Service
@@ -74,12 +74,13 @@ class Owned:
     job: str
     checkpoint: str
     embedding_job: str
+    weights: str
 
 
 def add_objects(deployment: Deployment, tenant: str, checkpoint_on_disk: bool = False) -> Owned:
     """A ready labelled dataset, a running job on it with a checkpoint, a succeeded
     embedding job; the checkpoint's file exists only with `checkpoint_on_disk`."""
-    ids = Owned(new_id("ds"), new_id("job"), new_id("ckpt"), new_id("emb"))
+    ids = Owned(new_id("ds"), new_id("job"), new_id("ckpt"), new_id("emb"), new_id("wts"))
     relative = f"jobs/{ids.job}/run/checkpoints/step-000000002.pt"
     if checkpoint_on_disk:
         path = deployment.artifacts / relative
@@ -99,6 +100,8 @@ def add_objects(deployment: Deployment, tenant: str, checkpoint_on_disk: bool = 
                                  checkpoint_id=ids.checkpoint, dataset_id=ids.dataset,
                                  layer="backbone", status="succeeded", num_rows=8,
                                  path=f"embeddings/{ids.embedding_job}"))
+        session.add(Weights(id=ids.weights, tenant=tenant, name="w", path=f"weights/{ids.weights}",
+                            size_bytes=8, sha256="0" * 64, num_tensors=1))
     return ids
 
 
@@ -282,10 +285,20 @@ def test_another_tenants_ids_answer_404_on_every_route(deployment: Deployment) -
              "embedding_job_id")
             for f in ("embeddings", "index")
         ],
+        ("GET", "/v1/weights/{weights_id}"): [(f"/v1/weights/{a.weights}", {}, "weights_id")],
+        ("DELETE", "/v1/weights/{weights_id}"): [
+            (f"/v1/weights/{a.weights}", {}, "weights_id")
+        ],
     }
     body_ids = [  # ids in request bodies
         ("POST", "/v1/jobs", {"json": {"dataset_id": a.dataset, "preset": "cpu-tiny"}},
          "not_found", "dataset_id"),
+        ("POST", "/v1/jobs", {"json": {"dataset_id": mine.dataset, "preset": "cpu-tiny",
+                                       "start_from": {"checkpoint_id": a.checkpoint}}},
+         "not_found", "start_from.checkpoint_id"),
+        ("POST", "/v1/jobs", {"json": {"dataset_id": mine.dataset, "preset": "cpu-tiny",
+                                       "start_from": {"weights_id": a.weights}}},
+         "not_found", "start_from.weights_id"),
         ("POST", "/v1/embeddings", {"json": {"model": a.job, "input": ["aGk="]}},
          "model_not_found", "model"),
         ("POST", "/v1/embeddings", {"json": {"model": a.checkpoint, "input": ["aGk="]}},
@@ -302,7 +315,8 @@ def test_another_tenants_ids_answer_404_on_every_route(deployment: Deployment) -
                 assert_error(response, 404, "not_found", param)
         for method, path, kwargs, code, param in body_ids:
             assert_error(other.request(method, path, **kwargs), 404, code, param)
-        for path, key in (("/v1/datasets", a.dataset), ("/v1/jobs", a.job)):
+        for path, key in (("/v1/datasets", a.dataset), ("/v1/jobs", a.job),
+                          ("/v1/weights", a.weights)):
             assert key not in {row["id"] for row in other.get(path).json()["data"]}
         listed = other.get(f"/v1/jobs/{mine.job}/checkpoints").json()["data"]
         assert [row["id"] for row in listed] == [mine.checkpoint]

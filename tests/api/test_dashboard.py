@@ -280,7 +280,7 @@ def test_dashboard_in_headless_chromium(
         assert row["knn"] == f"{100 * checkpoint['quality']['knn_top1']:.1f} %"
         assert row["links"] == [
             f"/v1/checkpoints/{checkpoint['id']}/download?format={fmt}"
-            for fmt in ("full", "safetensors", "backbone")
+            for fmt in ("full", "safetensors", "backbone", "onnx")  # its export_formats
         ]
     final = next(c for c in checkpoints if c["final"])
     driver.find_element(

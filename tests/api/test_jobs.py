@@ -46,6 +46,17 @@ def api_env() -> dict[str, str]:
         ({"config": {"n_crops": [2, 6], "size_crops": [224]}}, "config.size_crops", "1 entries"),
         ({"preset": "cpu-tiny", "config": {"backbone": "resnet5"}}, "config.backbone",
          "unknown backbone 'resnet5'; did you mean resnet50"),
+        ({"preset": "cpu-tiny", "config": {"backbone": "timm/convnxt_atto"}}, "config.backbone",
+         "did you mean timm/convnext_atto"),
+        ({"preset": "cpu-tiny", "config": {"backbone": "timm/convnext_atto.d2_in1k"}},
+         "config.backbone", "no weights are downloaded: use 'timm/convnext_atto'"),
+        ({"preset": "cpu-tiny", "config": {"backbone": "keras/resnet50"}}, "config.backbone",
+         "GET /v1/backbones"),
+        ({"preset": "cpu-tiny", "config": {"backbone": "timm/convnext_atto"}},
+         "config.size_crops", "backbone timm/convnext_atto cannot take 24 px crops"),
+        ({"preset": "cpu-tiny", "config": {"backbone": "torchvision/vit_b_16",
+                                           "size_crops": [224, 96]}},
+         "config.size_crops", "Expected 224 but got 96"),
         # What a deployment allows (swav_service/config_limits.py), each with its setting.
         ({"preset": "cpu-tiny", "config": {"size_crops": [8192, 24]}}, "config.size_crops",
          "a crop side of 8192 px is more than this deployment allows (at most 1024; the "

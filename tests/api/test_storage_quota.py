@@ -14,6 +14,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import torch
+from safetensors.torch import save as safetensors_bytes
 
 from tests.api.conftest import Deployment, assert_error
 
@@ -105,6 +107,7 @@ def test_usage_without_uploads_is_zero(deployment: Deployment) -> None:
         assert usage.json() == {
             "stored_bytes": 0, "limit_bytes": LIMIT, "archives_bytes": 0, "images_bytes": 0,
             "checkpoints_bytes": 0, "embeddings_bytes": 0, "reserved_bytes": 0,
+            "weights_bytes": 0,
         }
 
 
@@ -128,3 +131,73 @@ def test_a_refused_upload_leaves_no_reservation(deployment: Deployment) -> None:
         assert client.get("/v1/usage").json()["stored_bytes"] == 0
         fits = client.post("/v1/datasets", files={"file": ("s.zip", stored_zip(MIB))})
         assert fits.status_code == 202, fits.text
+
+
+def test_weights_count_against_the_limit(deployment: Deployment) -> None:
+    """Uploaded weights are stored bytes: a file past what is left is refused (403), and
+    one that fits is counted, so the next one that would pass the limit is refused too."""
+    _, client = deployment.new_tenant()
+    headers = {"Content-Type": "application/octet-stream"}
+    with client:
+        fits = safetensors_bytes({"w": torch.zeros(int(1.5 * MIB) // 4)})
+        answer = client.post("/v1/weights", content=fits, headers=headers)
+        assert answer.status_code == 201, answer.text
+        assert client.get("/v1/usage").json()["weights_bytes"] == len(fits)
+        refused = client.post("/v1/weights", content=fits, headers=headers)
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["code"] == "storage_limit_exceeded"
+        assert len(client.get("/v1/weights").json()["data"]) == 1
+        assert client.get("/v1/usage").json()["stored_bytes"] == len(fits)
+
+
+def test_a_weights_upload_holds_its_bytes_while_it_streams(deployment: Deployment) -> None:
+    """A weights file reserves its Content-Length at admission, so a second upload that
+    would fit only without it is refused while the first still streams; the row then
+    takes the reservation over."""
+    _, client = deployment.new_tenant()
+    body = safetensors_bytes({"w": torch.zeros(int(1.5 * MIB) // 4)})
+    url = urlsplit(deployment.service.base_url)
+    headers = (
+        f"POST /v1/weights?name=first HTTP/1.1\r\nHost: {url.netloc}\r\n"
+        f"Authorization: {client.headers['authorization']}\r\n"
+        "Content-Type: application/octet-stream\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with client, socket.create_connection((url.hostname, url.port)) as first:
+        first.sendall(headers + body[:MIB])
+        deadline = time.monotonic() + 60
+        while client.get("/v1/usage").json()["reserved_bytes"] != len(body):
+            assert time.monotonic() < deadline, "the first upload never reserved its bytes"
+            time.sleep(0.05)
+
+        second = client.post(
+            "/v1/weights", content=body, headers={"Content-Type": "application/octet-stream"}
+        )
+        assert_error(second, 403, "storage_limit_exceeded", None)
+        first.sendall(body[MIB:])
+        assert read_status(first) == 201
+
+        usage = client.get("/v1/usage").json()
+        assert usage["reserved_bytes"] == 0
+        assert usage["weights_bytes"] == usage["stored_bytes"] == len(body)
+        assert [w["name"] for w in client.get("/v1/weights").json()["data"]] == ["first"]
+
+
+def test_a_refused_weights_upload_leaves_no_reservation(deployment: Deployment) -> None:
+    """Streamed without a length past what the tenant has left: 403, nothing kept."""
+    _, client = deployment.new_tenant()
+    too_big = safetensors_bytes({"w": torch.zeros(3 * MIB // 4)})
+
+    def chunks(data: bytes) -> Iterator[bytes]:
+        for start in range(0, len(data), 256 * 1024):
+            yield data[start : start + 256 * 1024]
+
+    before = sorted(deployment.artifacts.glob("weights/*"))
+    with client:
+        response = client.post(
+            "/v1/weights", content=chunks(too_big),
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        assert_error(response, 403, "storage_limit_exceeded", None)
+        assert client.get("/v1/usage").json()["stored_bytes"] == 0
+        assert sorted(deployment.artifacts.glob("weights/*")) == before  # no partial file

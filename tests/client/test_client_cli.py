@@ -13,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 
 from swav_client import (
@@ -112,6 +113,9 @@ def test_cli_against_live_service(pg_service: Service, tiny_shapes: Path, tmp_pa
     assert dataset["num_images"] == 32 and dataset["num_skipped"] == 0
     assert dataset["classes"] == ["cross", "disk", "square", "stripes"]
     assert dataset["id"] in ok(swav(pg_service, "datasets", "list")).stdout
+    found = ok(swav(pg_service, "backbones", "--contains", "efficientnet_b0", "--family",
+                    "torchvision")).stdout.split()
+    assert found == ["torchvision/efficientnet_b0"]
 
     # Submit and follow to success: the live bar on stderr, the job on stdout.
     followed = ok(swav(pg_service, "jobs", "submit", "--dataset", dataset["id"], "--preset",
@@ -139,6 +143,17 @@ def test_cli_against_live_service(pg_service: Service, tiny_shapes: Path, tmp_pa
     assert path.parent == tmp_path and path.suffix == ".pt"
     assert hashlib.sha256(path.read_bytes()).hexdigest() == final["sha256"]
     assert path.stat().st_size == final["size_bytes"]
+    assert final["export_formats"] == ["full", "safetensors", "backbone", "onnx"]
+    saved = json.loads(ok(swav(pg_service, "--json", "checkpoints", "download", final["id"],
+                               "--format", "onnx", "--out", str(tmp_path))).stdout)
+    assert saved["format"] == "onnx" and Path(saved["path"]).suffix == ".onnx"
+    session = onnxruntime.InferenceSession(saved["path"], providers=["CPUExecutionProvider"])
+    features = session.run(["features"], {"images": np.zeros((3, 3, 32, 32), np.float32)})[0]
+    assert features.shape == (3, 64)  # tiny_cnn's 64 features, any batch size
+    refused = swav(pg_service, "checkpoints", "download", final["id"], "--format", "timm",
+                   "--out", str(tmp_path))
+    assert refused.returncode == 1 and "422 invalid_request" in refused.stderr
+    assert "use one of full, safetensors, backbone, onnx" in refused.stderr
 
     # Embed three images to .npy: the same rows the API gives for the same request.
     images = sorted(tiny_shapes.rglob("*.png"))[::11]

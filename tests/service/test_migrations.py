@@ -23,7 +23,7 @@ from tests.conftest import BIN, ROOT, create_database, drop_database, service_en
 
 TABLES = {
     "datasets", "jobs", "job_events", "checkpoints", "idempotency_keys", "embedding_jobs",
-    "workers", "api_keys", "job_ranks", "storage_reservations",
+    "workers", "api_keys", "job_ranks", "storage_reservations", "weights",
 }
 
 

@@ -23,8 +23,10 @@ from typing import Any
 import boto3
 import httpx
 import pytest
+from safetensors.torch import save as safetensors_bytes
 
 from swav_core.checkpoint_names import sidecar_path
+from swav_core.model import TinyCNN
 from swav_service.settings import Settings
 from swav_service.storage import S3Store, StorageError, artifact_store
 from tests.conftest import BIN, Service, free_port
@@ -82,6 +84,15 @@ def storage_settings(endpoint: str, data_dir: Path) -> dict[str, str]:
         "SWAV_S3_ACCESS_KEY_ID": CREDENTIALS["aws_access_key_id"],
         "SWAV_S3_SECRET_ACCESS_KEY": CREDENTIALS["aws_secret_access_key"],
     }
+
+
+def serve_with_store(service: Service, endpoint: str) -> Path:
+    """The API and a short-queue worker on the S3 store; this machine's artifacts folder."""
+    service.env.update(storage_settings(endpoint, service.data_dir))
+    service.env["SWAV_POLL_INTERVAL_S"] = "0.2"
+    service.start_api()
+    service.start_worker("short")
+    return service.data_dir / "artifacts"
 
 
 def test_store_mirrors_the_artifacts_folder(s3_endpoint: str, tmp_path: Path) -> None:
@@ -188,11 +199,7 @@ def test_a_job_resumes_from_the_store_on_a_machine_without_its_files(
     pg_service: Service, s3_endpoint: str, shapes_dir: Path
 ) -> None:
     service = pg_service
-    service.env.update(storage_settings(s3_endpoint, service.data_dir))
-    service.env["SWAV_POLL_INTERVAL_S"] = "0.2"
-    artifacts = service.data_dir / "artifacts"
-    service.start_api()
-    service.start_worker("short")
+    artifacts = serve_with_store(service, s3_endpoint)
     with service.client() as client_:
         dataset = upload_ready_dataset(client_, service, shapes_dir)
         stored_images = keys(s3_endpoint, f"artifacts/datasets/{dataset['id']}/images/")
@@ -291,3 +298,48 @@ def test_a_deleted_datasets_images_leave_the_store_in_the_background(
         assert len(keys(s3_endpoint, prefixes[1] + "images/")) == 128
         assert keys(s3_endpoint, prefixes[1] + "prepared/")
         assert client_.get(f"/v1/datasets/{kept['id']}").json()["status"] == "ready"
+
+
+def test_a_job_starts_from_weights_and_a_checkpoint_this_machine_lacks(
+    pg_service: Service, s3_endpoint: str, shapes_dir: Path
+) -> None:
+    """Start files live in the store: a train worker whose disk has neither the uploaded
+    weights nor the parent's checkpoint fetches them (without the fetch the file is
+    missing and the job fails `invalid_weights`)."""
+    service = pg_service
+    artifacts = serve_with_store(service, s3_endpoint)
+    with service.client() as client_:
+        dataset = upload_ready_dataset(client_, service, shapes_dir)
+        backbone = {k: v.contiguous() for k, v in TinyCNN().state_dict().items()}
+        uploaded = client_.post("/v1/weights", content=safetensors_bytes(backbone),
+                                headers={"Content-Type": "application/octet-stream"})
+        assert uploaded.status_code == 201, uploaded.text
+        weights_file = artifacts / "weights" / f"{uploaded.json()['id']}.safetensors"
+        assert f"artifacts/weights/{weights_file.name}" in keys(s3_endpoint, "artifacts/weights/")
+
+        trainer = service.start_worker("train", name="machine-a@test")
+        body = {"dataset_id": dataset["id"], "preset": "cpu-tiny", "config": {"epochs": 1}}
+        parent = client_.post("/v1/jobs", json=body).json()
+        assert wait_status(client_, service, parent["id"], {"succeeded", "failed"}, 180)[
+            "status"] == "succeeded"
+        final = next(c for c in client_.get(f"/v1/jobs/{parent['id']}/checkpoints").json()[
+            "data"] if c["final"])
+        os.killpg(trainer.pid, signal.SIGTERM)
+        assert trainer.wait(timeout=60) == 0
+
+        # The next worker's machine has neither start file.
+        shutil.rmtree(artifacts / "jobs" / parent["id"])
+        weights_file.unlink()
+        service.start_worker("train", name="machine-b@test")
+        loaded: dict[str, str] = {}
+        for start_from in ({"weights_id": uploaded.json()["id"]}, {"checkpoint_id": final["id"]}):
+            child = client_.post("/v1/jobs", json=body | {"start_from": start_from})
+            assert child.status_code == 201, child.text
+            done = wait_status(client_, service, child.json()["id"], {"succeeded", "failed"}, 180)
+            assert done["status"] == "succeeded", done
+            events = events_of(client_, child.json()["id"])
+            [loaded[next(iter(start_from))]] = [
+                e["data"]["loaded"] for e in events if e["type"] == "start_weights"
+            ]
+        assert loaded["weights_id"].startswith("the backbone (tiny_cnn)"), loaded
+        assert loaded["checkpoint_id"].startswith("the whole model (tiny_cnn"), loaded

@@ -124,6 +124,9 @@ function authImage(url, attrs, signal) {
 }
 
 /** A download link that works with a key: fetched as a blob, then saved. */
+// The checkpoint's export_formats, as the download links name them.
+const DOWNLOAD_LABELS = { full: ".pt", safetensors: "model" };
+
 function downloadLink(url, label) {
   const link = h("a", { href: url, class: "download", "data-download": "" }, label);
   link.addEventListener("click", async (event) => {
@@ -469,9 +472,9 @@ function jobView(main, jobId, signal) {
         h("td", { class: "quality linear" }, c.quality ? `${(100 * c.quality.linear_top1).toFixed(1)} %` : "–"),
         h("td", {}, fmt(c.metrics?.loss)),
         h("td", { class: "downloads" },
-          downloadLink(`/v1/checkpoints/${c.id}/download?format=full`, ".pt"),
-          downloadLink(`/v1/checkpoints/${c.id}/download?format=safetensors`, "model"),
-          downloadLink(`/v1/checkpoints/${c.id}/download?format=backbone`, "backbone")))));
+          ...(c.export_formats || ["full"]).map((format) => downloadLink(
+            `/v1/checkpoints/${c.id}/download?format=${format}`,
+            DOWNLOAD_LABELS[format] || format))))));
     if (!rows.length) {
       checkpoints.append(h("tr", {}, h("td", { colspan: 9, class: "muted" }, "No checkpoint yet.")));
     }
